@@ -1,0 +1,1 @@
+"""sierra-prefect: run SIERRA stage 2 on Prefect 3."""
