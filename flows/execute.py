@@ -1,0 +1,116 @@
+"""Running one experimental run as a subprocess in its own process group.
+
+Each run gets a new session, so a timeout or a cancelled flow run can end the run and
+everything it started (``killpg``), and nothing else. ``LiveRuns`` remembers the groups
+that are still running so the flow can end them all when it is cancelled or crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# bash like GNU parallel under SIERRA's hpc.local, so the same commands behave the same.
+SHELL = shutil.which("bash") or "/bin/sh"
+# How long a run gets between SIGTERM and SIGKILL when it must be stopped.
+KILL_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int | None
+    timed_out: bool
+    seconds: float
+
+
+class LiveRuns:
+    """The process groups of runs still running in this flow run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+
+    def add(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.add(pgid)
+
+    def discard(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.discard(pgid)
+
+    def terminate_all(self) -> None:
+        with self._lock:
+            groups = list(self._groups)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE_SECONDS
+        for pgid in groups:
+            while _group_exists(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _signal_group(pgid, signal.SIGKILL)
+
+
+LIVE_RUNS = LiveRuns()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_command(
+    command: str,
+    cwd: Path,
+    stdout: Path,
+    stderr: Path,
+    timeout: float | None,
+) -> RunOutcome:
+    """Run ``command`` with output appended to the given files; kill its group on timeout."""
+    started = time.monotonic()
+    with open(stdout, "ab") as out, open(stderr, "ab") as err:
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            executable=SHELL,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    # With start_new_session the child is the leader of a group whose id is its pid.
+    LIVE_RUNS.add(proc.pid)
+    try:
+        try:
+            code = proc.wait(timeout=timeout)
+            return RunOutcome(code, False, time.monotonic() - started)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=KILL_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            # SIGKILL the whole group even if the leader went: its children may linger.
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return RunOutcome(None, True, time.monotonic() - started)
+    finally:
+        LIVE_RUNS.discard(proc.pid)

@@ -1,0 +1,161 @@
+"""Planning a batch: which experimental runs there are, which are done, where logs go.
+
+Pure logic with no Prefect imports, shared by the flow (which runs the plan) and the
+shim (which validates a trigger before sending it). A run's identity is its position in
+``commands.txt`` plus a hash of its command line, so it is stable across re-triggers:
+resume markers and log names survive a crash, and a changed command is a new run.
+
+Layout under ``scratch_root``::
+
+    sierra-prefect/runs/<run_id>/attempt-001.stdout   # one pair per attempt, never reused
+    sierra-prefect/runs/<run_id>/attempt-001.stderr
+    sierra-prefect/runs/<run_id>/done.json            # written atomically on success
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+COMMANDS_FILE = "commands.txt"
+STATE_DIR = "sierra-prefect"
+MARKER_NAME = "done.json"
+
+# SIERRA names experiment directories c<dim>-exp<N> (e.g. c1-exp0, c2-exp3x4).
+_SIERRA_EXP = re.compile(r"\bc\d+-exp[\dx]+\b")
+
+
+class BatchInputError(ValueError):
+    """A trigger's inputs cannot be run; the message names the thing and the fix."""
+
+
+class RunSpec(BaseModel):
+    """One experimental run: one line of commands.txt."""
+
+    index: int
+    command: str
+    run_id: str
+    name: str
+
+
+def run_id_for(index: int, command: str) -> str:
+    digest = hashlib.sha256(command.encode()).hexdigest()[:12]
+    return f"{index:05d}-{digest}"
+
+
+def check_roots(input_root: str, scratch_root: str) -> tuple[Path, Path]:
+    """Validate the two roots and return them as paths; raise BatchInputError otherwise."""
+    for label, value in (("input_root", input_root), ("scratch_root", scratch_root)):
+        if not value:
+            raise BatchInputError(f"{label} is empty: pass an absolute directory path")
+        if not os.path.isabs(value):
+            raise BatchInputError(
+                f"{label} '{value}' is relative: pass an absolute path "
+                f"(e.g. '{os.path.abspath(value)}')"
+            )
+    inp, scratch = Path(input_root), Path(scratch_root)
+    if not inp.is_dir():
+        raise BatchInputError(
+            f"input_root '{inp}' is not a directory: run SIERRA stage 1 first or fix the path"
+        )
+    if scratch.exists() and not scratch.is_dir():
+        raise BatchInputError(
+            f"scratch_root '{scratch}' is a file, not a directory: choose another path"
+        )
+    return inp, scratch
+
+
+def read_commands(input_root: Path) -> list[str]:
+    """The runs of a batch or experiment: one per non-empty line of commands.txt."""
+    path = input_root / COMMANDS_FILE
+    if not path.is_file():
+        raise BatchInputError(
+            f"'{path}' does not exist: run SIERRA stage 1 for this batch first"
+        )
+    commands = [line.strip() for line in path.read_text().splitlines()]
+    commands = [c for c in commands if c]
+    if not commands:
+        raise BatchInputError(f"'{path}' has no commands: regenerate it with SIERRA stage 1")
+    return commands
+
+
+def plan_runs(input_root: Path, commands: list[str]) -> list[RunSpec]:
+    """Name each run after its experiment and its index within that experiment."""
+    per_experiment: dict[str, int] = {}
+    runs = []
+    for index, command in enumerate(commands):
+        found = _SIERRA_EXP.search(command)
+        experiment = found.group(0) if found else input_root.name
+        k = per_experiment.get(experiment, 0)
+        per_experiment[experiment] = k + 1
+        runs.append(
+            RunSpec(
+                index=index,
+                command=command,
+                run_id=run_id_for(index, command),
+                name=f"{experiment}-run{k}",
+            )
+        )
+    return runs
+
+
+def run_dir(scratch_root: Path, run: RunSpec) -> Path:
+    return scratch_root / STATE_DIR / "runs" / run.run_id
+
+
+def is_done(scratch_root: Path, run: RunSpec) -> bool:
+    """A run is done when its marker exists and records this exact command."""
+    marker = run_dir(scratch_root, run) / MARKER_NAME
+    try:
+        return json.loads(marker.read_text()).get("command") == run.command
+    except (OSError, ValueError):
+        return False
+
+
+def new_attempt_logs(directory: Path) -> tuple[Path, Path]:
+    """Claim the next attempt number by creating its stdout file exclusively.
+
+    Exclusive creation means two attempts (a retry, a re-trigger, a second flow run)
+    never share or overwrite a log.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    attempt = 1
+    while True:
+        stdout = directory / f"attempt-{attempt:03d}.stdout"
+        try:
+            fd = os.open(stdout, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            attempt += 1
+            continue
+        os.close(fd)
+        stderr = directory / f"attempt-{attempt:03d}.stderr"
+        stderr.touch()
+        return stdout, stderr
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mark_done(scratch_root: Path, run: RunSpec, record: dict) -> None:
+    write_atomically(
+        run_dir(scratch_root, run) / MARKER_NAME,
+        json.dumps({"command": run.command, **record}, indent=2),
+    )

@@ -1,0 +1,235 @@
+"""The ``sierra`` flow: run every experimental run of a SIERRA batch or experiment.
+
+Deployed by ``prefect.yaml`` as ``sierra/local`` (process pool) and
+``sierra/dockerremote`` (Docker pool). Its parameters are compatible with SIERRA's own
+flow (``input_root``, ``scratch_root``; runs are the non-empty lines of
+``<input_root>/commands.txt``), plus:
+
+- ``max_parallel``: the cap; never more runs at once, no idle slot while runs wait.
+  Default: the CPUs of the worker host. It is a local thread pool, so it is exact and
+  costs no server round trips.
+- ``resume`` (default true): skip runs whose success marker is already under
+  ``scratch_root``, so a crash or a cancel costs only the unfinished runs.
+- ``run_timeout``: seconds; a run that takes longer has its whole process group killed
+  and counts as failed.
+- ``workdir``: where commands run (default ``input_root``); SIERRA's plugin passes the
+  directory SIERRA was started in, like ``hpc.local`` does.
+
+Every run is one task run named ``<experiment>-run<k>``. One failing run never stops the
+others; the flow run ends Failed if any run failed. The summary is the flow's result and
+two artifacts: ``sierra-summary`` (markdown, for people) and ``sierra-summary-json`` (for
+``sierra-prefect run``).
+
+Call it directly (tests, debugging)::
+
+    from flows.sierra_batch import sierra
+    sierra(input_root="/abs/batch", scratch_root="/abs/scratch", max_parallel=4)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.context import get_run_context
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.execute import LIVE_RUNS, run_command
+from flows.plan import (
+    RunSpec,
+    check_roots,
+    is_done,
+    mark_done,
+    new_attempt_logs,
+    plan_runs,
+    read_commands,
+    run_dir,
+)
+from flows.summary import BatchSummary, FailedRun
+
+SUMMARY_KEY = "sierra-summary"
+SUMMARY_JSON_KEY = "sierra-summary-json"
+
+
+def default_cap() -> int:
+    """The CPUs this process may use (respects container and cgroup CPU sets)."""
+    return len(os.sched_getaffinity(0))
+
+
+@task(
+    name="run",
+    task_run_name="{name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def run_one(
+    name: str,
+    run_id: str,
+    command: str,
+    index: int,
+    scratch_root: str,
+    workdir: str,
+    run_timeout: float | None,
+) -> dict:
+    """Run one experimental run; return its outcome, or a Failed state carrying it."""
+    run = RunSpec(index=index, command=command, run_id=run_id, name=name)
+    stdout, stderr = new_attempt_logs(run_dir(Path(scratch_root), run))
+    outcome = run_command(command, Path(workdir), stdout, stderr, run_timeout)
+    record = {
+        "name": name,
+        "run_id": run_id,
+        "command": command,
+        "exit_code": outcome.exit_code,
+        "timed_out": outcome.timed_out,
+        "seconds": round(outcome.seconds, 3),
+        "stdout": str(stdout),
+        "stderr": str(stderr),
+    }
+    if outcome.exit_code == 0:
+        mark_done(
+            Path(scratch_root),
+            run,
+            {**record, "finished": datetime.now(timezone.utc).isoformat()},
+        )
+        return record
+    why = f"timed out after {run_timeout} s" if outcome.timed_out else f"exit code {outcome.exit_code}"
+    return Failed(message=f"{name} failed ({why}); stderr: {stderr}", data=record)
+
+
+@contextmanager
+def _runs_end_with_the_flow() -> Iterator[None]:
+    """On cancel (SIGTERM from the worker) or any exit, end the runs still going.
+
+    Runs live in their own sessions, so without this they would outlive a cancelled
+    flow run.
+    """
+    previous = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        def on_sigterm(signum, frame):
+            LIVE_RUNS.terminate_all()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                raise SystemExit(128 + signum)
+
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        LIVE_RUNS.terminate_all()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _publish(summary: BatchSummary) -> None:
+    """The summary as artifacts: markdown for the UI, JSON for the shim."""
+    create_markdown_artifact(
+        markdown=summary.to_markdown(), key=SUMMARY_KEY, description=summary.headline()
+    )
+    context = get_run_context()
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(
+                key=SUMMARY_JSON_KEY,
+                type="json",
+                data=summary.model_dump(mode="json"),
+                description=summary.headline(),
+                flow_run_id=context.flow_run.id,
+            )
+        )
+
+
+@flow(name="sierra", log_prints=False, persist_result=False)
+def sierra(
+    input_root: str,
+    scratch_root: str,
+    max_parallel: int | None = None,
+    resume: bool = True,
+    run_timeout: float | None = None,
+    workdir: str | None = None,
+):
+    """Run every experimental run in ``<input_root>/commands.txt`` under a cap."""
+    logger = get_run_logger()
+    inp, scratch = check_roots(input_root, scratch_root)
+    runs = plan_runs(inp, read_commands(inp))
+    cap = max_parallel or default_cap()
+    if cap < 1:
+        raise ValueError(f"max_parallel must be at least 1, not {cap}")
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    todo: list[RunSpec] = [r for r in runs if not (resume and is_done(scratch, r))]
+    skipped = len(runs) - len(todo)
+    logger.info(
+        "%d runs (%d already done), at most %d at once", len(runs), skipped, cap
+    )
+
+    succeeded = 0
+    failed_runs: list[FailedRun] = []
+    with _runs_end_with_the_flow(), ThreadPoolTaskRunner(max_workers=cap) as runner:
+        futures = [
+            runner.submit(
+                run_one,
+                parameters={
+                    "name": r.name,
+                    "run_id": r.run_id,
+                    "command": r.command,
+                    "index": r.index,
+                    "scratch_root": str(scratch),
+                    "workdir": workdir or str(inp),
+                    "run_timeout": run_timeout,
+                },
+            )
+            for r in todo
+        ]
+        for run, future in zip(todo, futures):
+            future.wait()
+            state = future.state
+            outcome = state.result(raise_on_failure=False)
+            if state.is_completed():
+                succeeded += 1
+            elif isinstance(outcome, dict):
+                failed_runs.append(FailedRun.model_validate(outcome))
+            else:
+                # The task itself crashed (not the command): report what we know.
+                failed_runs.append(_crashed(run, scratch, outcome))
+
+    summary = BatchSummary(
+        input_root=str(inp),
+        scratch_root=str(scratch),
+        total=len(runs),
+        succeeded=succeeded,
+        failed=len(failed_runs),
+        skipped=skipped,
+        max_parallel=cap,
+        failed_runs=failed_runs,
+    )
+    _publish(summary)
+    logger.info(summary.headline())
+    if not summary.ok:
+        return Failed(message=summary.headline(), data=summary.model_dump(mode="json"))
+    return summary.model_dump(mode="json")
+
+
+def _crashed(run: RunSpec, scratch: Path, error: object) -> FailedRun:
+    logs = run_dir(scratch, run)
+    return FailedRun(
+        name=run.name,
+        run_id=run.run_id,
+        command=run.command,
+        exit_code=None,
+        stdout=str(logs),
+        stderr=f"{logs} ({error!r})",
+    )

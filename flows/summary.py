@@ -1,0 +1,63 @@
+"""The outcome of a batch: counts and, for each failed run, what to look at.
+
+The same model is the flow's result, the JSON artifact the shim reads back, and the
+source of the markdown artifact a person reads in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class FailedRun(BaseModel):
+    name: str
+    run_id: str
+    command: str
+    exit_code: int | None = Field(description="None when the run was killed on timeout")
+    timed_out: bool = False
+    stdout: str
+    stderr: str
+
+
+class BatchSummary(BaseModel):
+    input_root: str
+    scratch_root: str
+    total: int
+    succeeded: int
+    failed: int
+    skipped: int
+    max_parallel: int
+    failed_runs: list[FailedRun] = []
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def headline(self) -> str:
+        return (
+            f"{self.total} runs: {self.succeeded} succeeded, {self.failed} failed, "
+            f"{self.skipped} skipped (already done)"
+        )
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# SIERRA batch summary",
+            "",
+            f"- input root: `{self.input_root}`",
+            f"- scratch root: `{self.scratch_root}`",
+            f"- cap: {self.max_parallel} runs at once",
+            "",
+            "| total | succeeded | failed | skipped |",
+            "|---|---|---|---|",
+            f"| {self.total} | {self.succeeded} | {self.failed} | {self.skipped} |",
+        ]
+        if self.failed_runs:
+            lines += ["", "## Failed runs", "", "| run | exit code | command | stdout | stderr |"]
+            lines.append("|---|---|---|---|---|")
+            for run in self.failed_runs:
+                code = "timeout" if run.timed_out else str(run.exit_code)
+                command = run.command.replace("|", "\\|")
+                lines.append(
+                    f"| {run.name} | {code} | `{command}` | `{run.stdout}` | `{run.stderr}` |"
+                )
+        return "\n".join(lines) + "\n"

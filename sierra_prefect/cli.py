@@ -1,0 +1,251 @@
+"""The ``sierra-prefect`` command: bring the stack up, trigger SIERRA batches, bring it down.
+
+Typical use::
+
+    sierra-prefect up                      # server + pools + deployments + worker
+    eval "$(sierra-prefect env)"           # point `prefect ...` at the same server
+    sierra-prefect run sierra/local --input-root /abs/batch --scratch-root /abs/scratch
+    sierra-prefect down
+
+Every error is one line naming the thing and the fix, with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from sierra_prefect.errors import ShimError
+from sierra_prefect.settings import Settings
+
+app = typer.Typer(
+    help="Run SIERRA stage 2 on Prefect 3: bring the stack up, trigger deployments by name.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+pools_app = typer.Typer(help="Work pools from workpools/.", no_args_is_help=True)
+app.add_typer(pools_app, name="pools")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _settings(**overrides) -> Settings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**values)
+    except Exception as exc:  # pydantic's ValidationError, in one line
+        first = str(exc).splitlines()
+        raise ShimError(f"invalid setting: {' '.join(first[:3])}") from exc
+
+
+def _stack(settings: Settings, quiet: bool = False):
+    from sierra_prefect.stack import Stack
+
+    return Stack(settings, say=(lambda _: None) if quiet else err.print)
+
+
+def _port(value: Optional[str]):
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and 0 < int(value) < 65536:
+        return int(value)
+    raise ShimError(f"--port '{value}' is not a port: pass a number 1-65535 or 'auto'")
+
+
+@app.command()
+def up(
+    port: Optional[str] = typer.Option(None, help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
+    docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
+    home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+) -> None:
+    """Start (or reuse) the embedded stack: server, pools, deployments, worker."""
+    settings = _settings(port=_port(port), home=home)
+    stack = _stack(settings)
+    api_url = stack.up(docker=docker)
+    ui = api_url.removesuffix("/api")
+    out.print(f"ready: {api_url}  (UI: {ui})")
+    out.print(f'point Prefect at it: eval "$(sierra-prefect env)"')
+
+
+@app.command()
+def down(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+    """Stop exactly the processes `up` started (by pid), and wait until they exit."""
+    lines = _stack(_settings(home=home)).down()
+    for line in lines or ["nothing running for this stack"]:
+        out.print(line)
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+) -> None:
+    """Server URL and health, Prefect versions, pools, workers online, deployments."""
+    report = _stack(_settings(home=home), quiet=True).status()
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"api url:      {report['api_url'] or '(none: run sierra-prefect up)'}")
+    out.print(f"healthy:      {report['healthy']}")
+    out.print(f"prefect:      client {report['prefect_client_version']}, "
+              f"server {report['prefect_server_version']}")
+    out.print(f"pids:         {report['pids']}")
+    for name, pool in report["pools"].items():
+        online = ", ".join(pool["workers_online"]) or "none online"
+        out.print(f"pool:         {name} ({pool['type']}): {online}")
+    out.print(f"deployments:  {', '.join(report['deployments']) or 'none'}")
+    out.print(f"home:         {report['home']}")
+    if not report["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def env(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+    """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
+    api_url = _stack(_settings(home=home), quiet=True).require_api_url()
+    out.print(f"export PREFECT_API_URL={api_url}", highlight=False)
+    out.print("export PREFECT_SERVER_ANALYTICS_ENABLED=false", highlight=False)
+
+
+@app.command()
+def check(
+    deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local."),
+    work_pool: Optional[str] = typer.Option(None, help="Fail unless the deployment uses this pool."),
+) -> None:
+    """Exit 0 if the server is reachable and DEPLOYMENT exists (used by SIERRA plugins)."""
+    from sierra_prefect.stack import prefect_client
+    from sierra_prefect.trigger import check_deployment
+
+    api_url = _stack(_settings(), quiet=True).require_api_url()
+    with prefect_client(api_url) as client:
+        check_deployment(client, api_url, deployment, work_pool)
+    out.print(f"{deployment} is deployed on {api_url}")
+
+
+def _mount(text: str) -> str:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise ShimError(f"--mount '{text}' is not SRC:DST[:ro|rw]: e.g. --mount /data:/data:ro")
+    if not Path(parts[0]).is_absolute() or not Path(parts[0]).exists():
+        raise ShimError(f"--mount source '{parts[0]}' does not exist (or is relative): create it or fix the path")
+    return text if len(parts) == 3 else f"{text}:rw"
+
+
+@app.command()
+def run(
+    deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
+    input_root: str = typer.Option(..., help="Absolute directory holding commands.txt."),
+    scratch_root: str = typer.Option(..., help="Absolute directory for logs and resume markers."),
+    max_parallel: Optional[int] = typer.Option(None, help="Cap on runs at once (default: worker host CPUs)."),
+    run_timeout: Optional[float] = typer.Option(None, help="Seconds before a run's process group is killed."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip runs that already succeeded."),
+    workdir: Optional[str] = typer.Option(None, help="Directory the commands run in (default: input root)."),
+    param: List[str] = typer.Option([], help="Extra flow parameter KEY=VALUE (repeatable)."),
+    work_pool: Optional[str] = typer.Option(None, help="Expected pool (must be the deployment's)."),
+    work_queue: Optional[str] = typer.Option(None, help="Queue of the deployment's pool to use."),
+    image: Optional[str] = typer.Option(None, help="Docker deployments: image for this flow run."),
+    host_user: bool = typer.Option(False, "--host-user", help="Docker deployments: run as your uid:gid."),
+    mount: List[str] = typer.Option([], help="Docker deployments: extra SRC:DST[:MODE] mount (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
+    from sierra_prefect.trigger import Trigger, parse_param, trigger
+
+    settings = _settings()
+    api_url = _stack(settings, quiet=True).require_api_url()
+    request = Trigger(
+        deployment=deployment,
+        input_root=input_root,
+        scratch_root=scratch_root,
+        max_parallel=max_parallel,
+        run_timeout=run_timeout,
+        resume=resume,
+        workdir=workdir,
+        params=dict(parse_param(p) for p in param),
+        work_pool=work_pool,
+        work_queue=work_queue,
+    )
+    if image or host_user or mount:
+        from sierra_prefect.docker import docker_job_variables
+
+        request.job_variables = docker_job_variables(
+            request, image=image, host_user=host_user, mounts=[_mount(m) for m in mount]
+        )
+    progress = err if as_json else out
+    outcome = trigger(api_url, request, progress)
+    _report(outcome, as_json)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _report(outcome, as_json: bool) -> None:
+    summary = outcome.summary
+    if as_json:
+        payload = summary.model_dump(mode="json") if summary else {}
+        payload.update(flow_run_id=str(outcome.flow_run_id), state=outcome.state, ui_url=outcome.ui_url)
+        out.print_json(json.dumps(payload))
+        return
+    if summary is None:
+        err.print(f"[red]flow run ended {outcome.state} without a summary: {outcome.message}[/red]")
+        err.print(f"see {outcome.ui_url}")
+        return
+    style = "green" if summary.ok and outcome.state == "COMPLETED" else "red"
+    out.print(f"[{style}]{outcome.state}: {summary.headline()}[/{style}]")
+    for failed in summary.failed_runs:
+        code = "timed out" if failed.timed_out else f"exit {failed.exit_code}"
+        out.print(f"  FAILED {failed.name} ({code}): {failed.command}", highlight=False)
+        out.print(f"         stdout {failed.stdout}", highlight=False)
+        out.print(f"         stderr {failed.stderr}", highlight=False)
+    out.print(f"details: {outcome.ui_url}")
+
+
+@app.command("plugin-path")
+def plugin_path() -> None:
+    """Print the folder to add to SIERRA_PLUGIN_PATH."""
+    project = _settings().require_project()
+    print(project / "sierra_plugins")
+
+
+@pools_app.command("apply")
+def pools_apply() -> None:
+    """Create or update the pools of workpools/ on the server (idempotent)."""
+    from sierra_prefect import pools
+    from sierra_prefect.stack import prefect_client, require_healthy
+
+    settings = _settings()
+    api_url = _stack(settings, quiet=True).require_api_url()
+    require_healthy(api_url)
+    specs = pools.WorkPoolSpec.load_all(settings.require_project() / "workpools")
+    with prefect_client(api_url) as client:
+        changes = pools.apply(client, specs)
+    for line in changes or [f"pools up to date: {', '.join(s.name for s in specs)}"]:
+        out.print(line)
+
+
+@app.command()
+def demo(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+    """Bring the stack up, run a small sample batch through sierra/local, print the summary."""
+    from sierra_prefect.demo import run_demo
+
+    settings = _settings(home=home)
+    outcome = run_demo(settings, _stack(settings), out)
+    _report(outcome, as_json=False)
+    raise typer.Exit(outcome.exit_code)
+
+
+def main() -> None:
+    try:
+        app()
+    except ShimError as exc:
+        err.print(f"sierra-prefect: error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

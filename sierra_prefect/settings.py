@@ -1,0 +1,97 @@
+"""Configuration of the shim: one pydantic settings model, from the environment.
+
+Every value can be set as ``SIERRA_PREFECT_<NAME>`` (e.g. ``SIERRA_PREFECT_HOME``,
+``SIERRA_PREFECT_PORT``); CLI flags override them. ``PREFECT_API_URL``, when set, points
+the shim at an existing server instead of the embedded one. ``sierra-prefect status``
+shows the values in force.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sierra_prefect.errors import ShimError
+
+DEFAULT_PORT = 4200
+
+
+def _find_project_dir() -> Path:
+    """The checkout holding prefect.yaml: the parent of this package (editable install)."""
+    return Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIERRA_PREFECT_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".sierra-prefect",
+        description="Where the embedded stack keeps its state, database and logs.",
+    )
+    project_dir: Path = Field(
+        default_factory=_find_project_dir,
+        description="The checkout with prefect.yaml, workpools/ and flows/.",
+    )
+    host: str = Field("127.0.0.1", description="Address the embedded server binds to.")
+    port: int | Literal["auto"] | None = Field(
+        None,
+        description=(
+            "Port of the embedded server: a number (it must be free), 'auto' (any free "
+            f"port), or unset ({DEFAULT_PORT}, or a free port when that is taken)."
+        ),
+    )
+    api_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PREFECT_API_URL", "SIERRA_PREFECT_API_URL"),
+        description="An existing Prefect server to use instead of the embedded one.",
+    )
+    worker_query_seconds: float = Field(
+        1.0, description="How often the worker polls for flow runs (Prefect default 10)."
+    )
+    server_start_timeout: float = Field(120.0, description="Deadline for a healthy server.")
+    worker_start_timeout: float = Field(60.0, description="Deadline for a worker online.")
+
+    @field_validator("home", "project_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "stack.json"
+
+    def require_project(self) -> Path:
+        if not (self.project_dir / "prefect.yaml").is_file():
+            raise ShimError(
+                f"no prefect.yaml in '{self.project_dir}': set SIERRA_PREFECT_PROJECT_DIR "
+                "to your sierra-prefect checkout"
+            )
+        return self.project_dir
+
+
+def prefect_env(api_url: str | None, settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for Prefect processes we start: telemetry off, our PREFECT_HOME."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(settings.prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    else:
+        env.pop("PREFECT_API_URL", None)
+    env.update(extra)
+    return env

@@ -1,0 +1,294 @@
+"""The embedded stack: a Prefect server, the pools, the deployments, and workers.
+
+``Stack.up`` starts what is missing and reuses what runs: a server (SQLite, bound to
+127.0.0.1, healthy within a deadline), the pools from ``workpools/``, every deployment of
+``prefect.yaml`` (only when they changed), and a process worker (plus a Docker worker
+with ``docker=True``). With ``PREFECT_API_URL`` set it starts no server and uses that one.
+``Stack.down`` stops exactly the processes ``up`` started, by pid and start time.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import httpx
+
+from sierra_prefect import deployments, pools
+from sierra_prefect.errors import ShimError
+from sierra_prefect.processes import ProcessRecord
+from sierra_prefect.settings import DEFAULT_PORT, Settings, prefect_env
+from sierra_prefect.state import StackState, locked
+
+# The pool each kind of worker serves (see workpools/).
+WORKER_POOLS = {"process": "sierra-pool", "docker": "sierra-docker-pool"}
+
+
+@contextmanager
+def prefect_client(api_url: str) -> Iterator[object]:
+    """A sync Prefect client for ``api_url`` (never an ephemeral server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def require_healthy(api_url: str) -> None:
+    if not is_healthy(api_url, timeout=5.0):
+        raise ShimError(
+            f"Prefect server at {api_url} is unreachable: start it with "
+            "`sierra-prefect up` or fix PREFECT_API_URL"
+        )
+
+
+def server_version(api_url: str) -> str | None:
+    try:
+        response = httpx.get(f"{api_url}/admin/version", timeout=5.0)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(condition, deadline: float, proc: ProcessRecord | None, what: str) -> None:
+    """Poll ``condition`` until true; fail early if ``proc`` died, late at the deadline."""
+    end = time.monotonic() + deadline
+    delay = 0.05
+    while time.monotonic() < end:
+        if condition():
+            return
+        if proc is not None and not proc.is_running():
+            raise ShimError(f"{what} exited while starting (see {proc.log}): {proc.log_tail()}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    log = f" (see {proc.log})" if proc else ""
+    raise ShimError(f"{what} not ready after {deadline:.0f} s{log}: check the log and retry")
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    say: callable = print
+    state: StackState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state = StackState.load(self.settings.state_file)
+
+    # -- what URL, whose server --------------------------------------------------
+
+    @property
+    def external(self) -> bool:
+        return bool(self.settings.api_url)
+
+    def api_url(self) -> str | None:
+        return self.settings.api_url or self.state.api_url
+
+    def require_api_url(self) -> str:
+        url = self.api_url()
+        if not url:
+            raise ShimError(
+                f"no Prefect server known for SIERRA_PREFECT_HOME={self.settings.home}: "
+                "run `sierra-prefect up` or set PREFECT_API_URL"
+            )
+        return url
+
+    def worker_name(self, kind: str, index: int) -> str:
+        # Unique per user, host and home, so stacks sharing a server never collide.
+        home = hashlib.sha256(str(self.settings.home).encode()).hexdigest()[:6]
+        return f"sierra-{kind}-{getpass.getuser()}-{socket.gethostname()}-{home}-{index}"
+
+    # -- up ------------------------------------------------------------------------
+
+    def up(self, docker: bool = False) -> str:
+        project = self.settings.require_project()
+        specs = pools.WorkPoolSpec.load_all(project / "workpools")
+        with locked(self.settings.home):
+            self.state = StackState.load(self.settings.state_file)
+            api_url = self._ensure_server()
+            with prefect_client(api_url) as client:
+                for change in pools.apply(client, specs):
+                    self.say(change)
+                self._ensure_deployed(client, api_url, project)
+                self._ensure_worker(client, api_url, "process")
+                if docker:
+                    self._ensure_worker(client, api_url, "docker")
+            self.state.save(self.settings.state_file)
+        return api_url
+
+    def _ensure_server(self) -> str:
+        if self.external:
+            require_healthy(self.settings.api_url)
+            self.say(f"using the Prefect server at {self.settings.api_url} (PREFECT_API_URL)")
+            self.state.api_url = self.settings.api_url
+            return self.settings.api_url
+        server = self.state.server
+        if server and server.is_running() and self.state.api_url and is_healthy(self.state.api_url):
+            self.say(f"server already up at {self.state.api_url} (pid {server.pid})")
+            return self.state.api_url
+        if server and server.is_running():
+            # Ours but not answering: restart it rather than leave a zombie server.
+            self.say(f"server pid {server.pid} is not healthy; restarting it")
+            server.stop()
+        port = self._choose_port()
+        api_url = f"http://{self.settings.host}:{port}/api"
+        argv = [sys.executable, "-m", "prefect", "server", "start",
+                "--host", self.settings.host, "--port", str(port)]
+        self.settings.prefect_home.mkdir(parents=True, exist_ok=True)
+        record = ProcessRecord.spawn(
+            "server", argv, prefect_env(None, self.settings),
+            self.settings.logs_dir / "server.log", self.settings.home,
+        )
+        self.state.server, self.state.api_url, self.state.port = record, api_url, port
+        self.state.deployed_digest = None
+        self.state.save(self.settings.state_file)
+        self.say(f"starting Prefect server on {api_url} (pid {record.pid})")
+        _wait_for(lambda: is_healthy(api_url), self.settings.server_start_timeout,
+                  record, "Prefect server")
+        return api_url
+
+    def _choose_port(self) -> int:
+        host, port = self.settings.host, self.settings.port
+        if port == "auto":
+            return _free_port(host)
+        if port is None:
+            return DEFAULT_PORT if _port_is_free(host, DEFAULT_PORT) else _free_port(host)
+        if not _port_is_free(host, port):
+            raise ShimError(
+                f"port {port} on {host} is taken by another program: "
+                "choose another with --port, or --port auto"
+            )
+        return port
+
+    def _ensure_deployed(self, client, api_url: str, project) -> None:
+        names = deployments.declared(project)
+        current = deployments.digest(project)
+        absent = deployments.missing(client, names)
+        if not absent and self.state.deployed_digest == current:
+            self.say(f"deployments up to date: {', '.join(names)}")
+            return
+        self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
+        deployments.deploy_all(
+            project, prefect_env(api_url, self.settings), self.settings.logs_dir / "deploy.log"
+        )
+        still = deployments.missing(client, names)
+        if still:
+            raise ShimError(f"deployments {', '.join(still)} missing after deploy: see "
+                            f"{self.settings.logs_dir / 'deploy.log'}")
+        self.state.deployed_digest = current
+
+    def _ensure_worker(self, client, api_url: str, kind: str) -> None:
+        pool = WORKER_POOLS[kind]
+        mine = [w for w in self.state.workers if w.role == f"worker:{kind}"]
+        alive = [w for w in mine if w.is_running()]
+        if alive:
+            self.say(f"{kind} worker already running (pid {alive[0].pid})")
+            return
+        self.state.workers = [w for w in self.state.workers if w not in mine]
+        name = self.worker_name(kind, len(self.state.workers))
+        argv = [sys.executable, "-m", "prefect", "worker", "start",
+                "--pool", pool, "--type", kind, "--name", name]
+        record = ProcessRecord.spawn(
+            f"worker:{kind}", argv,
+            prefect_env(api_url, self.settings,
+                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds)),
+            self.settings.logs_dir / f"worker-{kind}.log", self.settings.home,
+        )
+        self.state.workers.append(record)
+        self.state.save(self.settings.state_file)
+        self.say(f"starting {kind} worker {name} on pool {pool} (pid {record.pid})")
+        _wait_for(lambda: _worker_online(client, pool, name),
+                  self.settings.worker_start_timeout, record, f"{kind} worker")
+
+    # -- down ----------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Stop what ``up`` started; return a line per process stopped or skipped."""
+        lines = []
+        with locked(self.settings.home):
+            self.state = StackState.load(self.settings.state_file)
+            records = [*self.state.workers, *([self.state.server] if self.state.server else [])]
+            for record in records:
+                if record.stop():
+                    lines.append(f"stopped {record.role} (pid {record.pid})")
+                else:
+                    lines.append(
+                        f"{record.role} pid {record.pid} was already gone (or is now "
+                        "another program's): left alone"
+                    )
+            self.state.workers, self.state.server = [], None
+            if not self.external:
+                self.state.api_url = None
+            self.state.save(self.settings.state_file)
+        return lines
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> dict:
+        from prefect import __version__ as client_version
+
+        api_url = self.api_url()
+        healthy = bool(api_url) and is_healthy(api_url)
+        report: dict = {
+            "home": str(self.settings.home),
+            "api_url": api_url,
+            "ui_url": api_url[: -len("/api")] if api_url and api_url.endswith("/api") else api_url,
+            "external_server": self.external,
+            "healthy": healthy,
+            "prefect_client_version": client_version,
+            "prefect_server_version": server_version(api_url) if healthy else None,
+            "pids": self.state.pids(),
+            "pools": {},
+            "deployments": [],
+            "settings": self.settings.model_dump(mode="json"),
+        }
+        if healthy:
+            with prefect_client(api_url) as client:
+                for pool in client.read_work_pools():
+                    workers = client.read_workers_for_work_pool(pool.name)
+                    report["pools"][pool.name] = {
+                        "type": pool.type,
+                        "workers_online": sorted(
+                            w.name for w in workers if str(w.status).upper().endswith("ONLINE")
+                        ),
+                    }
+                flows = {f.id: f.name for f in client.read_flows()}
+                report["deployments"] = sorted(
+                    f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments()
+                )
+        return report
+
+
+def _worker_online(client, pool: str, name: str) -> bool:
+    return any(
+        w.name == name and str(w.status).upper().endswith("ONLINE")
+        for w in client.read_workers_for_work_pool(pool)
+    )

@@ -1,0 +1,67 @@
+"""The embedded stack's state file: where the server listens and which pids are ours.
+
+Lives at ``$SIERRA_PREFECT_HOME/stack.json``; two values of ``SIERRA_PREFECT_HOME`` (or
+two users) are two independent stacks. Writes are atomic, and a lock file serialises
+``up``/``down`` on the same home.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ValidationError
+
+from sierra_prefect.errors import ShimError
+from sierra_prefect.processes import ProcessRecord
+
+
+class StackState(BaseModel):
+    api_url: str | None = None
+    port: int | None = None
+    server: ProcessRecord | None = None
+    workers: list[ProcessRecord] = []
+    # Hash of prefect.yaml + flows/ + workpools/ at the last successful deploy.
+    deployed_digest: str | None = None
+
+    def pids(self) -> dict[str, object]:
+        return {
+            "server": self.server.pid if self.server and self.server.is_running() else None,
+            "workers": [w.pid for w in self.workers if w.is_running()],
+        }
+
+    @classmethod
+    def load(cls, path: Path) -> "StackState":
+        if not path.exists():
+            return cls()
+        try:
+            return cls.model_validate_json(path.read_text())
+        except (OSError, ValidationError, ValueError) as exc:
+            raise ShimError(
+                f"state file '{path}' is unreadable ({exc.__class__.__name__}): move it "
+                "aside and run `sierra-prefect up` again"
+            ) from exc
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stack.")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(self.model_dump(mode="json"), indent=2))
+        os.replace(tmp, path)
+
+
+@contextmanager
+def locked(home: Path) -> Iterator[None]:
+    """Hold the home's lock: one up/down at a time per stack."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

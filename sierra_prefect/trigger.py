@@ -1,0 +1,260 @@
+"""Triggering a deployment by name and following its flow run to the end.
+
+``trigger`` validates the inputs as the flow will (same code: ``flows.plan``), checks the
+server, the deployment and its pool, starts a flow run with Prefect's ``run_deployment``
+and ``follow`` shows progress (task-run counts by state, from the API) until the run is
+final, then reads the summary artifact the flow wrote. Ctrl-C cancels the flow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flows.plan import BatchInputError, check_roots, is_done, plan_runs, read_commands
+from flows.sierra_batch import SUMMARY_JSON_KEY
+from flows.summary import BatchSummary
+from sierra_prefect.errors import ShimError
+from sierra_prefect.stack import prefect_client, require_healthy
+
+POLL_SECONDS = 0.5
+CANCEL_DEADLINE_SECONDS = 60.0
+
+
+@dataclass
+class Trigger:
+    """One request to run a batch (or one experiment) through a deployment."""
+
+    deployment: str
+    input_root: str
+    scratch_root: str
+    max_parallel: int | None = None
+    run_timeout: float | None = None
+    resume: bool = True
+    workdir: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    job_variables: dict[str, Any] = field(default_factory=dict)
+    work_pool: str | None = None
+    work_queue: str | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "input_root": self.input_root,
+            "scratch_root": self.scratch_root,
+            "resume": self.resume,
+        }
+        if self.max_parallel is not None:
+            values["max_parallel"] = self.max_parallel
+        if self.run_timeout is not None:
+            values["run_timeout"] = self.run_timeout
+        if self.workdir is not None:
+            values["workdir"] = self.workdir
+        return {**values, **self.params}
+
+
+@dataclass
+class Outcome:
+    flow_run_id: UUID
+    state: str
+    message: str | None
+    summary: BatchSummary | None
+    ui_url: str
+
+    @property
+    def exit_code(self) -> int:
+        if self.state == "CANCELLED":
+            return 130
+        if self.state == "COMPLETED" and self.summary is not None and self.summary.ok:
+            return 0
+        return 1
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is JSON when it parses (numbers, true, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ShimError(f"--param '{text}' is not KEY=VALUE: write it like --param run_timeout=60")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def plan_locally(trigger: Trigger) -> tuple[int, int]:
+    """Validate the roots and commands.txt; return (runs, runs already done)."""
+    try:
+        inp, scratch = check_roots(trigger.input_root, trigger.scratch_root)
+        runs = plan_runs(inp, read_commands(inp))
+    except BatchInputError as exc:
+        raise ShimError(str(exc)) from exc
+    if trigger.max_parallel is not None and trigger.max_parallel < 1:
+        raise ShimError(f"--max-parallel {trigger.max_parallel} is below 1: pass 1 or more")
+    if trigger.run_timeout is not None and trigger.run_timeout <= 0:
+        raise ShimError(f"--run-timeout {trigger.run_timeout} is not positive: pass seconds > 0")
+    # The flow creates it too; creating it here means a Docker bind mount of it is ours.
+    scratch.mkdir(parents=True, exist_ok=True)
+    done = sum(is_done(scratch, r) for r in runs) if trigger.resume else 0
+    return len(runs), done
+
+
+def check_deployment(client, api_url: str, name: str, work_pool: str | None = None):
+    """The deployment and its pool exist (and match ``work_pool`` if given)."""
+    from prefect.exceptions import ObjectNotFound
+
+    require_healthy(api_url)
+    if "/" not in name:
+        raise ShimError(f"deployment '{name}' is not FLOW/NAME: use e.g. sierra/local")
+    try:
+        deployment = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ShimError(
+            f"deployment '{name}' does not exist on {api_url}: run `sierra-prefect up` "
+            "(or `prefect deploy --all` in the sierra-prefect checkout)"
+        ) from None
+    try:
+        client.read_work_pool(deployment.work_pool_name)
+    except ObjectNotFound:
+        raise ShimError(
+            f"work pool '{deployment.work_pool_name}' of {name} does not exist: run "
+            "`sierra-prefect pools apply`"
+        ) from None
+    if work_pool and work_pool != deployment.work_pool_name:
+        raise ShimError(
+            f"{name} runs on pool '{deployment.work_pool_name}', not '{work_pool}': drop "
+            "--work-pool or deploy it to that pool"
+        )
+    return deployment
+
+
+def _check_params(deployment, params: dict[str, Any]) -> None:
+    known = set((deployment.parameter_openapi_schema or {}).get("properties", {}))
+    unknown = sorted(set(params) - known) if known else []
+    if unknown:
+        raise ShimError(
+            f"{deployment.name} has no parameter {', '.join(unknown)}: "
+            f"known parameters are {', '.join(sorted(known))}"
+        )
+
+
+def trigger(api_url: str, request: Trigger, console: Console, as_json: bool = False) -> Outcome:
+    from prefect.deployments import run_deployment
+
+    total, done = plan_locally(request)
+    with prefect_client(api_url) as client:
+        deployment = check_deployment(client, api_url, request.deployment, request.work_pool)
+        _check_params(deployment, request.parameters())
+        if not _pool_has_workers(client, deployment.work_pool_name):
+            console.print(
+                f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
+                f"waits until one starts (`prefect worker start --pool "
+                f"{deployment.work_pool_name}` or `sierra-prefect up`)[/yellow]"
+            )
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            flow_run = run_deployment(
+                request.deployment,
+                parameters=request.parameters(),
+                job_variables=request.job_variables or None,
+                work_queue_name=request.work_queue,
+                timeout=0,
+                as_subflow=False,
+            )
+        ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
+        ui_url = f"{ui}/runs/flow-run/{flow_run.id}"
+        console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
+        return follow(client, flow_run.id, total, done, console, ui_url)
+
+
+def _pool_has_workers(client, pool: str) -> bool:
+    return any(
+        str(w.status).upper().endswith("ONLINE") for w in client.read_workers_for_work_pool(pool)
+    )
+
+
+def task_counts(client, flow_run_id: UUID) -> dict[str, int]:
+    """Task runs of a flow run by state type, in one request."""
+    response = client.request(
+        "POST",
+        "/ui/task_runs/count",
+        json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}},
+    )
+    response.raise_for_status()
+    return {k.upper(): v for k, v in response.json().items()}
+
+
+def read_summary(client, flow_run_id: UUID) -> BatchSummary | None:
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_JSON_KEY])),
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+    )
+    if not artifacts:
+        return None
+    return BatchSummary.model_validate(artifacts[0].data)
+
+
+def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, ui_url: str) -> Outcome:
+    """Wait for the flow run to end, showing progress; Ctrl-C cancels it."""
+    try:
+        state = _watch(client, flow_run_id, total, done, console)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
+        state = cancel(client, flow_run_id)
+    summary = read_summary(client, flow_run_id)
+    return Outcome(flow_run_id, state.type.value, state.message, summary, ui_url)
+
+
+def _watch(client, flow_run_id: UUID, total: int, skipped: int, console: Console):
+    if console.is_terminal:
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("runs", total=total, completed=skipped, failed=0)
+            return _poll(client, flow_run_id, lambda ok, bad: progress.update(
+                bar, completed=skipped + ok + bad, failed=bad))
+    last: list[tuple[int, int]] = []
+
+    def line(ok: int, bad: int) -> None:
+        if [(ok, bad)] != last:
+            last[:] = [(ok, bad)]
+            console.print(f"progress: {skipped + ok + bad}/{total} runs done "
+                          f"({bad} failed, {skipped} skipped)")
+
+    return _poll(client, flow_run_id, line)
+
+
+def _poll(client, flow_run_id: UUID, show) -> Any:
+    while True:
+        flow_run = client.read_flow_run(flow_run_id)
+        counts = task_counts(client, flow_run_id)
+        show(counts.get("COMPLETED", 0), counts.get("FAILED", 0) + counts.get("CRASHED", 0))
+        if flow_run.state and flow_run.state.is_final():
+            return flow_run.state
+        time.sleep(POLL_SECONDS)
+
+
+def cancel(client, flow_run_id: UUID):
+    """Ask Prefect to cancel the flow run (the worker stops it) and wait until it has."""
+    from prefect.states import Cancelling
+
+    client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+    deadline = time.monotonic() + CANCEL_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        state = client.read_flow_run(flow_run_id).state
+        if state and state.is_final():
+            return state
+        time.sleep(POLL_SECONDS)
+    return client.read_flow_run(flow_run_id).state
