@@ -17,8 +17,10 @@ from uuid import UUID
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+# Prefect itself (and the flow module, which imports it) is imported only once the
+# inputs are known to be good: bad input fails fast.
+
 from flows.plan import BatchInputError, check_roots, is_done, plan_runs, read_commands
-from flows.sierra_batch import SUMMARY_JSON_KEY
 from flows.summary import BatchSummary
 from sierra_prefect.errors import ShimError
 from sierra_prefect.stack import prefect_client, require_healthy
@@ -190,6 +192,7 @@ def task_counts(client, flow_run_id: UUID) -> dict[str, int]:
 
 
 def read_summary(client, flow_run_id: UUID) -> BatchSummary | None:
+    from flows.sierra_batch import SUMMARY_JSON_KEY
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterKey,

@@ -1,0 +1,122 @@
+"""Pure units: commands.txt parsing, run identity, logs, markers, summary, pool files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.plan import (
+    BatchInputError,
+    check_roots,
+    is_done,
+    mark_done,
+    new_attempt_logs,
+    plan_runs,
+    read_commands,
+    run_dir,
+    run_id_for,
+)
+from flows.summary import BatchSummary, FailedRun
+
+
+def test_commands_are_non_empty_lines(tmp_path):
+    (tmp_path / "commands.txt").write_text("a\n\n  b  \n\n")
+    assert read_commands(tmp_path) == ["a", "b"]
+
+
+@pytest.mark.parametrize("content", [None, "", "\n  \n"])
+def test_missing_or_empty_commands_is_a_clear_error(tmp_path, content):
+    if content is not None:
+        (tmp_path / "commands.txt").write_text(content)
+    with pytest.raises(BatchInputError, match="commands.txt") as info:
+        read_commands(tmp_path)
+    assert "stage 1" in str(info.value)
+
+
+def test_roots_must_be_absolute_directories(tmp_path):
+    with pytest.raises(BatchInputError, match="input_root 'rel' is relative"):
+        check_roots("rel", str(tmp_path))
+    with pytest.raises(BatchInputError, match="scratch_root 'x' is relative"):
+        check_roots(str(tmp_path), "x")
+    with pytest.raises(BatchInputError, match="is not a directory"):
+        check_roots(str(tmp_path / "missing"), str(tmp_path))
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(BatchInputError, match="is a file"):
+        check_roots(str(tmp_path), str(a_file))
+    assert a_file.read_text() == "keep me"
+
+
+def test_run_identity_is_stable_and_changes_with_the_command():
+    assert run_id_for(3, "echo a") == run_id_for(3, "echo a")
+    assert run_id_for(3, "echo a") != run_id_for(3, "echo b")
+    assert run_id_for(3, "echo a") != run_id_for(4, "echo a")
+
+
+def test_runs_are_named_after_experiment_and_index(tmp_path):
+    commands = [
+        "sim --out /b/exp-outputs/c1-exp0/run0",
+        "sim --out /b/exp-outputs/c1-exp0/run1",
+        "sim --out /b/exp-outputs/c1-exp1/run0",
+        "no experiment here",
+    ]
+    names = [r.name for r in plan_runs(tmp_path / "c2-exp7", commands)]
+    assert names == ["c1-exp0-run0", "c1-exp0-run1", "c1-exp1-run0", "c2-exp7-run0"]
+
+
+def test_attempt_logs_never_overwrite(tmp_path):
+    first = new_attempt_logs(tmp_path)
+    first[0].write_text("attempt 1 output")
+    second = new_attempt_logs(tmp_path)
+    assert second[0] != first[0] and second[1] != first[1]
+    assert first[0].read_text() == "attempt 1 output"
+    assert [p.name for p in second] == ["attempt-002.stdout", "attempt-002.stderr"]
+
+
+def test_marker_is_for_this_exact_command(tmp_path):
+    run = plan_runs(tmp_path, ["echo a"])[0]
+    assert not is_done(tmp_path, run)
+    mark_done(tmp_path, run, {"exit_code": 0})
+    assert is_done(tmp_path, run)
+    marker = run_dir(tmp_path, run) / "done.json"
+    assert json.loads(marker.read_text())["command"] == "echo a"
+    # A half-written or foreign marker never counts as success.
+    marker.write_text('{"command": "echo a"')
+    assert not is_done(tmp_path, run)
+    assert not list(marker.parent.glob(".done.json.*")), "no temp files left behind"
+
+
+def test_summary_markdown_lists_failed_runs():
+    summary = BatchSummary(
+        input_root="/in", scratch_root="/s", total=3, succeeded=1, failed=1, skipped=1,
+        max_parallel=2,
+        failed_runs=[FailedRun(name="c1-exp0-run1", run_id="x", command="sim | tee",
+                               exit_code=3, stdout="/s/o", stderr="/s/e")],
+    )
+    text = summary.to_markdown()
+    assert "| 3 | 1 | 1 | 1 |" in text
+    assert "c1-exp0-run1 | 3 | `sim \\| tee`" in text
+    assert not summary.ok
+
+
+def test_pool_files_are_valid_and_complete():
+    from sierra_prefect.pools import WorkPoolSpec
+
+    specs = {s.name: s for s in WorkPoolSpec.load_all(Path(__file__).parent.parent / "workpools")}
+    assert specs["sierra-pool"].type == "process"
+    assert [q.name for q in specs["sierra-pool"].queues] == ["sierra-queue"]
+    assert specs["sierra-docker-pool"].type == "docker"
+    template = specs["sierra-docker-pool"].base_job_template()
+    assert template["variables"]["properties"]["network_mode"]["default"] == "host"
+
+
+def test_pool_file_with_unknown_job_variable_is_rejected(tmp_path):
+    from sierra_prefect.errors import ShimError
+    from sierra_prefect.pools import WorkPoolSpec
+
+    (tmp_path / "p.yaml").write_text("name: p\ntype: process\njob_variables: {nope: 1}\n")
+    spec = WorkPoolSpec.load_all(tmp_path)[0]
+    with pytest.raises(ShimError, match="'nope' is not a job variable"):
+        spec.base_job_template()
