@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up with the test extras (system packages too), then run the whole test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k stack -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+exec .venv/bin/python -m pytest "$@"
