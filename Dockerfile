@@ -73,6 +73,9 @@ ENV PIP_CONSTRAINT=/opt/venv/sierra-prefect-constraints.txt
 #    version installed from the lock.
 ARG PREFECT_VERSION=""
 ARG UV_LOCK_SHA256=""
+# Digest of the code baked in below (see sierra_prefect/docker.py: source_digest); lets
+# `sierra-prefect up --docker` rebuild an image whose flow code is stale.
+ARG SOURCE_DIGEST=""
 COPY uv.lock /tmp/uv.lock
 RUN set -eu; \
     installed="$(python -c 'import importlib.metadata as m; print(m.version("prefect"))')"; \
@@ -89,6 +92,7 @@ RUN set -eu; \
     rm -f /tmp/uv.lock
 LABEL org.sierra-prefect.prefect-version="${PREFECT_VERSION}" \
       org.sierra-prefect.uv-lock-sha256="${UV_LOCK_SHA256}" \
+      org.sierra-prefect.source-digest="${SOURCE_DIGEST}" \
       org.opencontainers.image.title="sierra-prefect worker" \
       org.opencontainers.image.description="SIERRA experimental runs on Prefect: flow code at /opt/sierra-prefect"
 

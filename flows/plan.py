@@ -71,6 +71,19 @@ def check_roots(input_root: str, scratch_root: str) -> tuple[Path, Path]:
     return inp, scratch
 
 
+def prepare_scratch(scratch_root: Path) -> None:
+    """Create the scratch root if needed and make sure this process can write there."""
+    try:
+        (scratch_root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=scratch_root / STATE_DIR, prefix=".write-check.")
+        probe.close()
+    except OSError as exc:
+        raise BatchInputError(
+            f"scratch_root '{scratch_root}' is not writable by uid {os.getuid()} "
+            f"({exc.strerror}): fix its permissions or free space (Docker: run with --host-user)"
+        ) from None
+
+
 def read_commands(input_root: Path) -> list[str]:
     """The runs of a batch or experiment: one per non-empty line of commands.txt."""
     path = input_root / COMMANDS_FILE

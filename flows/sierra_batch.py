@@ -53,6 +53,7 @@ from flows.plan import (
     mark_done,
     new_attempt_logs,
     plan_runs,
+    prepare_scratch,
     read_commands,
     run_dir,
 )
@@ -134,6 +135,21 @@ def _runs_end_with_the_flow() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _require_server_version() -> None:
+    """Refuse to run under a Prefect that differs from the server's (e.g. a stale image)."""
+    import prefect
+
+    with get_client(sync_client=True) as client:
+        response = client.request("GET", "/admin/version")
+    server = response.json() if response.status_code == 200 else None
+    if server != prefect.__version__:
+        raise RuntimeError(
+            f"this flow run has Prefect {prefect.__version__} but the server has {server}: "
+            "rebuild the worker image (`sierra-prefect image build`) or upgrade the worker "
+            "from the same uv.lock as the server"
+        )
+
+
 def _publish(summary: BatchSummary) -> None:
     """The summary as artifacts: markdown for the UI, JSON for the shim."""
     create_markdown_artifact(
@@ -163,12 +179,13 @@ def sierra(
 ):
     """Run every experimental run in ``<input_root>/commands.txt`` under a cap."""
     logger = get_run_logger()
+    _require_server_version()
     inp, scratch = check_roots(input_root, scratch_root)
     runs = plan_runs(inp, read_commands(inp))
     cap = max_parallel or default_cap()
     if cap < 1:
         raise ValueError(f"max_parallel must be at least 1, not {cap}")
-    scratch.mkdir(parents=True, exist_ok=True)
+    prepare_scratch(scratch)
 
     todo: list[RunSpec] = [r for r in runs if not (resume and is_done(scratch, r))]
     skipped = len(runs) - len(todo)

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 pools_app = typer.Typer(help="Work pools from workpools/.", no_args_is_help=True)
 app.add_typer(pools_app, name="pools")
+image_app = typer.Typer(help="The worker image (Dockerfile).", no_args_is_help=True)
+app.add_typer(image_app, name="image")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -129,15 +131,6 @@ def check(
     out.print(f"{deployment} is deployed on {api_url}")
 
 
-def _mount(text: str) -> str:
-    parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise ShimError(f"--mount '{text}' is not SRC:DST[:ro|rw]: e.g. --mount /data:/data:ro")
-    if not Path(parts[0]).is_absolute() or not Path(parts[0]).exists():
-        raise ShimError(f"--mount source '{parts[0]}' does not exist (or is relative): create it or fix the path")
-    return text if len(parts) == 3 else f"{text}:rw"
-
-
 @app.command()
 def run(
     deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
@@ -156,6 +149,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
+    from sierra_prefect.docker import parse_mount
     from sierra_prefect.trigger import Trigger, parse_param, trigger
 
     settings = _settings()
@@ -171,13 +165,10 @@ def run(
         params=dict(parse_param(p) for p in param),
         work_pool=work_pool,
         work_queue=work_queue,
+        image=image,
+        host_user=host_user,
+        mounts=[parse_mount(m) for m in mount],
     )
-    if image or host_user or mount:
-        from sierra_prefect.docker import docker_job_variables
-
-        request.job_variables = docker_job_variables(
-            request, image=image, host_user=host_user, mounts=[_mount(m) for m in mount]
-        )
     progress = err if as_json else out
     outcome = trigger(api_url, request, progress)
     _report(outcome, as_json)
@@ -226,6 +217,20 @@ def pools_apply() -> None:
         changes = pools.apply(client, specs)
     for line in changes or [f"pools up to date: {', '.join(s.name for s in specs)}"]:
         out.print(line)
+
+
+@image_app.command("build")
+def image_build(
+    tag: Optional[str] = typer.Option(None, help="Image tag (default: the one sierra/dockerremote uses)."),
+    base_image: Optional[str] = typer.Option(None, help="BASE_IMAGE: a Python 3.11 image (default: python:3.11-slim)."),
+) -> None:
+    """Build the worker image with exactly the Prefect version of uv.lock."""
+    from sierra_prefect import docker
+
+    settings = _settings(base_image=base_image)
+    tag = tag or docker.DEFAULT_TAG
+    docker.build_image(settings.require_project(), tag, settings.base_image)
+    out.print(f"built {tag} with Prefect {docker.image_prefect_version(tag)}")
 
 
 @app.command()

@@ -1,17 +1,157 @@
-"""Docker deployments: job variables for one flow run (image, mounts, user)."""
+"""Docker deployments: the worker image (build, version check) and per-run job variables.
+
+The image is built from the top-level ``Dockerfile`` with the Prefect version of
+``uv.lock`` (the build fails if what it installed differs). Before a Docker deployment is
+triggered, the Prefect version *inside* the image is asked from the image itself and must
+equal the client's and the server's: a mismatch otherwise shows up as obscure API errors
+in the middle of a batch.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+from sierra_prefect.errors import ShimError
+
+DEFAULT_TAG = "sierra-prefect/worker:latest"
 
 
-def docker_job_variables(request, image: str | None, host_user: bool, mounts: list[str]) -> dict:
-    """Job variables for a Docker flow run: the roots mounted at the same paths."""
-    volumes = [f"{request.input_root}:{request.input_root}:rw",
-               f"{request.scratch_root}:{request.scratch_root}:rw", *mounts]
-    variables: dict = {"volumes": volumes}
+class DockerUnavailable(ShimError):
+    """No Docker engine answers where the shim runs."""
+# Where the flow code lives inside the image (prefect.yaml's dockerremote pull step).
+IMAGE_PROJECT_DIR = "/opt/sierra-prefect"
+
+
+def locked_version(project_dir: Path, package: str = "prefect") -> str:
+    lock = tomllib.loads((project_dir / "uv.lock").read_text())
+    for entry in lock["package"]:
+        if entry["name"] == package:
+            return entry["version"]
+    raise ShimError(f"uv.lock has no '{package}': run `uv lock` in {project_dir}")
+
+
+def _docker():
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+        return client
+    except docker.errors.DockerException as exc:
+        raise DockerUnavailable(
+            "the Docker engine is not reachable (" + str(exc).splitlines()[0][:120] + "): start "
+            "it (e.g. `scripts/docker-engine.sh start`) or set DOCKER_HOST"
+        ) from None
+
+
+SOURCE_DIGEST_LABEL = "org.sierra-prefect.source-digest"
+
+
+def source_digest(project_dir: Path) -> str:
+    """Digest of what the image bakes in: the lock, the flow code and the shim."""
+    files = [project_dir / "pyproject.toml", project_dir / "uv.lock", project_dir / "Dockerfile"]
+    for folder in ("flows", "sierra_prefect"):
+        files += sorted((project_dir / folder).glob("*.py"))
+    sha = hashlib.sha256()
+    for path in files:
+        sha.update(str(path.relative_to(project_dir)).encode())
+        sha.update(path.read_bytes())
+    return sha.hexdigest()
+
+
+def image_is_current(tag: str, project_dir: Path) -> bool:
+    """The image exists and was built from this checkout's code."""
+    import docker
+
+    try:
+        image = _docker().images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return (image.labels or {}).get(SOURCE_DIGEST_LABEL) == source_digest(project_dir)
+
+
+def build_image(project_dir: Path, tag: str = DEFAULT_TAG, base_image: str | None = None,
+                log: Path | None = None) -> None:
+    """``docker build`` of the project's Dockerfile, versions from the lock, host network."""
+    _docker()
+    argv = ["docker", "build", "--network", "host", "-t", tag,
+            "--build-arg", f"PREFECT_VERSION={locked_version(project_dir)}",
+            "--build-arg", f"UV_LOCK_SHA256={hashlib.sha256((project_dir / 'uv.lock').read_bytes()).hexdigest()}",
+            "--build-arg", f"SOURCE_DIGEST={source_digest(project_dir)}"]
+    if base_image:
+        argv += ["--build-arg", f"BASE_IMAGE={base_image}"]
+    argv.append(str(project_dir))
+    out = open(log, "ab") if log else None
+    try:
+        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        if out:
+            out.close()
+    if result.returncode != 0:
+        where = f" (see {log})" if log else ""
+        raise ShimError(
+            f"building image {tag} failed{where}: fix the error above, or pass "
+            "--base-image with a reachable Python 3.11 image"
+        )
+
+
+@lru_cache(maxsize=16)
+def image_prefect_version(tag: str) -> str:
+    """Ask the image itself which Prefect it has (labels can be inherited and lie)."""
+    import docker
+
+    client = _docker()
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        raise ShimError(
+            f"image '{tag}' is not on the Docker engine: build it with "
+            f"`sierra-prefect image build --tag {tag}`"
+        ) from None
+    output = client.containers.run(
+        tag,
+        ["python", "-c", "import importlib.metadata as m; print(m.version('prefect'))"],
+        network_mode="host", remove=True, environment={"PREFECT_HOME": "/tmp/.prefect"},
+    )
+    return output.decode().strip()
+
+
+def check_versions(image: str, client_version: str, server_version: str | None) -> None:
+    in_image = image_prefect_version(image)
+    if len({in_image, client_version, server_version}) != 1:
+        raise ShimError(
+            f"Prefect versions differ: image {image} has {in_image}, client {client_version}, "
+            f"server {server_version}: rebuild the image from this checkout's uv.lock "
+            "(`sierra-prefect image build`) and run client and server from the same lock"
+        )
+
+
+def parse_mount(text: str) -> str:
+    """``SRC:DST[:ro|rw]`` with an existing absolute SRC, as Docker's -v takes it."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise ShimError(f"--mount '{text}' is not SRC:DST[:ro|rw]: e.g. --mount /data:/data:ro")
+    if not Path(parts[0]).is_absolute() or not Path(parts[0]).exists():
+        raise ShimError(
+            f"--mount source '{parts[0]}' does not exist (or is relative): create it or fix the path"
+        )
+    return text if len(parts) == 3 else f"{text}:rw"
+
+
+def job_variables(input_root: str, scratch_root: str, image: str | None, host_user: bool,
+                  mounts: list[str]) -> dict:
+    """Job variables for one Docker flow run: the roots mounted at the same paths."""
+    volumes = [f"{input_root}:{input_root}:rw", f"{scratch_root}:{scratch_root}:rw", *mounts]
+    variables: dict = {"volumes": list(dict.fromkeys(volumes))}
     if image:
         variables["image"] = image
     if host_user:
-        variables["user"] = f"{os.getuid()}:{os.getgid()}"
+        # The Docker worker has no `user` job variable; docker-py's create() takes it.
+        variables["container_create_kwargs"] = {"user": f"{os.getuid()}:{os.getgid()}"}
     return variables

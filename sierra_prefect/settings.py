@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     worker_query_seconds: float = Field(
         1.0, description="How often the worker polls for flow runs (Prefect default 10)."
     )
+    base_image: str | None = Field(
+        None, description="BASE_IMAGE for building the worker image (default: the Dockerfile's)."
+    )
     server_start_timeout: float = Field(120.0, description="Deadline for a healthy server.")
     worker_start_timeout: float = Field(60.0, description="Deadline for a worker online.")
 

@@ -140,6 +140,7 @@ class Stack:
                 self._ensure_deployed(client, api_url, project)
                 self._ensure_worker(client, api_url, "process")
                 if docker:
+                    self._ensure_image(project)
                     self._ensure_worker(client, api_url, "docker")
             self.state.save(self.settings.state_file)
         return api_url
@@ -204,6 +205,16 @@ class Stack:
             raise ShimError(f"deployments {', '.join(still)} missing after deploy: see "
                             f"{self.settings.logs_dir / 'deploy.log'}")
         self.state.deployed_digest = current
+
+    def _ensure_image(self, project) -> None:
+        from sierra_prefect import docker
+
+        if docker.image_is_current(docker.DEFAULT_TAG, project):
+            self.say(f"image {docker.DEFAULT_TAG} is current")
+            return
+        log = self.settings.logs_dir / "image-build.log"
+        self.say(f"building image {docker.DEFAULT_TAG} (log: {log})")
+        docker.build_image(project, docker.DEFAULT_TAG, self.settings.base_image, log)
 
     def _ensure_worker(self, client, api_url: str, kind: str) -> None:
         pool = WORKER_POOLS[kind]

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # Prefect itself (and the flow module, which imports it) is imported only once the
 # inputs are known to be good: bad input fails fast.
 
-from flows.plan import BatchInputError, check_roots, is_done, plan_runs, read_commands
+from flows.plan import BatchInputError, check_roots, is_done, plan_runs, prepare_scratch, read_commands
 from flows.summary import BatchSummary
 from sierra_prefect.errors import ShimError
 from sierra_prefect.stack import prefect_client, require_healthy
@@ -44,6 +44,14 @@ class Trigger:
     job_variables: dict[str, Any] = field(default_factory=dict)
     work_pool: str | None = None
     work_queue: str | None = None
+    # Docker deployments only: image for this run, run as the caller's uid:gid, extra mounts.
+    image: str | None = None
+    host_user: bool = False
+    mounts: list[str] = field(default_factory=list)
+
+    @property
+    def wants_docker(self) -> bool:
+        return bool(self.image or self.host_user or self.mounts)
 
     def parameters(self) -> dict[str, Any]:
         values: dict[str, Any] = {
@@ -93,14 +101,14 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
     try:
         inp, scratch = check_roots(trigger.input_root, trigger.scratch_root)
         runs = plan_runs(inp, read_commands(inp))
+        # The flow creates it too; creating it here means a Docker bind mount of it is ours.
+        prepare_scratch(scratch)
     except BatchInputError as exc:
         raise ShimError(str(exc)) from exc
     if trigger.max_parallel is not None and trigger.max_parallel < 1:
         raise ShimError(f"--max-parallel {trigger.max_parallel} is below 1: pass 1 or more")
     if trigger.run_timeout is not None and trigger.run_timeout <= 0:
         raise ShimError(f"--run-timeout {trigger.run_timeout} is not positive: pass seconds > 0")
-    # The flow creates it too; creating it here means a Docker bind mount of it is ours.
-    scratch.mkdir(parents=True, exist_ok=True)
     done = sum(is_done(scratch, r) for r in runs) if trigger.resume else 0
     return len(runs), done
 
@@ -151,6 +159,7 @@ def trigger(api_url: str, request: Trigger, console: Console, as_json: bool = Fa
     with prefect_client(api_url) as client:
         deployment = check_deployment(client, api_url, request.deployment, request.work_pool)
         _check_params(deployment, request.parameters())
+        _docker_job_variables(client, api_url, deployment, request, console)
         if not _pool_has_workers(client, deployment.work_pool_name):
             console.print(
                 f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
@@ -172,6 +181,41 @@ def trigger(api_url: str, request: Trigger, console: Console, as_json: bool = Fa
         ui_url = f"{ui}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
         return follow(client, flow_run.id, total, done, console, ui_url)
+
+
+def _docker_job_variables(client, api_url: str, deployment, request: Trigger, console: Console) -> None:
+    """For a Docker deployment: mount the roots, apply image/user/mounts, check versions."""
+    from prefect import __version__ as client_version
+
+    from sierra_prefect import docker
+    from sierra_prefect.stack import server_version
+
+    pool = client.read_work_pool(deployment.work_pool_name)
+    if pool.type != "docker":
+        if request.wants_docker:
+            raise ShimError(
+                f"--image/--host-user/--mount are for Docker deployments; {request.deployment} "
+                f"runs on '{pool.name}' ({pool.type}): drop them or use sierra/dockerremote"
+            )
+        return
+    request.job_variables = {
+        **request.job_variables,
+        **docker.job_variables(request.input_root, request.scratch_root, request.image,
+                               request.host_user, request.mounts),
+    }
+    image = (
+        request.image
+        or (deployment.job_variables or {}).get("image")
+        or pool.base_job_template["variables"]["properties"].get("image", {}).get("default")
+    )
+    if not image:
+        raise ShimError(f"{request.deployment} names no image: pass --image IMAGE")
+    try:
+        docker.check_versions(image, client_version, server_version(api_url))
+    except docker.DockerUnavailable as exc:
+        # A client without Docker (e.g. a laptop triggering a lab server): the flow
+        # checks its own Prefect against the server's before any run starts.
+        console.print(f"[yellow]not checking image {image} here: {exc}[/yellow]")
 
 
 def _pool_has_workers(client, pool: str) -> bool:
