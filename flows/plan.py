@@ -24,6 +24,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 COMMANDS_FILE = "commands.txt"
+# Set on a worker (or in a pool's job variables) to confine what a trigger may name.
+ALLOWED_ROOTS_ENV = "SIERRA_PREFECT_ALLOWED_ROOTS"
 STATE_DIR = "sierra-prefect"
 MARKER_NAME = "done.json"
 
@@ -69,6 +71,23 @@ def check_roots(input_root: str, scratch_root: str) -> tuple[Path, Path]:
             f"scratch_root '{scratch}' is a file, not a directory: choose another path"
         )
     return inp, scratch
+
+
+def check_allowed(paths: dict[str, str], allowed: str | None) -> None:
+    """Refuse paths outside the allowed roots (``os.pathsep``-separated; empty: no limit).
+
+    Both sides are resolved first, so ``..`` and symlinks cannot lead out.
+    """
+    if not allowed:
+        return
+    roots = [Path(os.path.realpath(r)) for r in allowed.split(os.pathsep) if r]
+    for label, value in paths.items():
+        real = Path(os.path.realpath(value))
+        if not any(real == root or real.is_relative_to(root) for root in roots):
+            raise BatchInputError(
+                f"{label} '{value}' (resolved: {real}) is outside the allowed roots "
+                f"{', '.join(map(str, roots))}: put the batch under one of them"
+            )
 
 
 def prepare_scratch(scratch_root: Path) -> None:

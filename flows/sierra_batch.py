@@ -15,6 +15,10 @@ flow (``input_root``, ``scratch_root``; runs are the non-empty lines of
 - ``workdir``: where commands run (default ``input_root``); SIERRA's plugin passes the
   directory SIERRA was started in, like ``hpc.local`` does.
 
+On the worker side, ``SIERRA_PREFECT_ALLOWED_ROOTS`` (paths separated by ``:``) confines
+the roots a trigger may name; anything outside, after resolving ``..`` and symlinks, is
+refused before any command runs.
+
 Every run is one task run named ``<experiment>-run<k>``. One failing run never stops the
 others; the flow run ends Failed if any run failed. The summary is the flow's result and
 two artifacts: ``sierra-summary`` (markdown, for people) and ``sierra-summary-json`` (for
@@ -47,7 +51,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execute import LIVE_RUNS, run_command
 from flows.plan import (
+    ALLOWED_ROOTS_ENV,
     RunSpec,
+    check_allowed,
     check_roots,
     is_done,
     mark_done,
@@ -181,6 +187,10 @@ def sierra(
     logger = get_run_logger()
     _require_server_version()
     inp, scratch = check_roots(input_root, scratch_root)
+    named = {"input_root": input_root, "scratch_root": scratch_root}
+    if workdir:
+        named["workdir"] = workdir
+    check_allowed(named, os.environ.get(ALLOWED_ROOTS_ENV))
     runs = plan_runs(inp, read_commands(inp))
     cap = max_parallel or default_cap()
     if cap < 1:

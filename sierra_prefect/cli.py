@@ -65,15 +65,16 @@ def _port(value: Optional[str]):
 def up(
     port: Optional[str] = typer.Option(None, help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
     docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
+    database: Optional[str] = typer.Option(None, help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect (default SQLite)."),
     home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
 ) -> None:
     """Start (or reuse) the embedded stack: server, pools, deployments, worker."""
-    settings = _settings(port=_port(port), home=home)
+    settings = _settings(port=_port(port), home=home, host=host, database_url=database)
     stack = _stack(settings)
-    api_url = stack.up(docker=docker)
-    ui = api_url.removesuffix("/api")
-    out.print(f"ready: {api_url}  (UI: {ui})")
-    out.print(f'point Prefect at it: eval "$(sierra-prefect env)"')
+    connection = stack.up(docker=docker)
+    out.print(f"ready: {connection.api_url}  (UI: {connection.ui_url})")
+    out.print('point Prefect at it: eval "$(sierra-prefect env)"')
 
 
 @app.command()
@@ -111,8 +112,8 @@ def status(
 @app.command()
 def env(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
     """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
-    api_url = _stack(_settings(home=home), quiet=True).require_api_url()
-    out.print(f"export PREFECT_API_URL={api_url}", highlight=False)
+    connection = _stack(_settings(home=home), quiet=True).connection()
+    out.print(f"export PREFECT_API_URL={connection.api_url}", highlight=False)
     out.print("export PREFECT_SERVER_ANALYTICS_ENABLED=false", highlight=False)
 
 
@@ -122,13 +123,12 @@ def check(
     work_pool: Optional[str] = typer.Option(None, help="Fail unless the deployment uses this pool."),
 ) -> None:
     """Exit 0 if the server is reachable and DEPLOYMENT exists (used by SIERRA plugins)."""
-    from sierra_prefect.stack import prefect_client
     from sierra_prefect.trigger import check_deployment
 
-    api_url = _stack(_settings(), quiet=True).require_api_url()
-    with prefect_client(api_url) as client:
-        check_deployment(client, api_url, deployment, work_pool)
-    out.print(f"{deployment} is deployed on {api_url}")
+    connection = _stack(_settings(), quiet=True).connection()
+    with connection.client() as client:
+        check_deployment(client, connection, deployment, work_pool)
+    out.print(f"{deployment} is deployed on {connection.api_url}")
 
 
 @app.command()
@@ -152,8 +152,7 @@ def run(
     from sierra_prefect.docker import parse_mount
     from sierra_prefect.trigger import Trigger, parse_param, trigger
 
-    settings = _settings()
-    api_url = _stack(settings, quiet=True).require_api_url()
+    connection = _stack(_settings(), quiet=True).connection()
     request = Trigger(
         deployment=deployment,
         input_root=input_root,
@@ -170,7 +169,7 @@ def run(
         mounts=[parse_mount(m) for m in mount],
     )
     progress = err if as_json else out
-    outcome = trigger(api_url, request, progress)
+    outcome = trigger(connection, request, progress)
     _report(outcome, as_json)
     raise typer.Exit(outcome.exit_code)
 
@@ -207,13 +206,12 @@ def plugin_path() -> None:
 def pools_apply() -> None:
     """Create or update the pools of workpools/ on the server (idempotent)."""
     from sierra_prefect import pools
-    from sierra_prefect.stack import prefect_client, require_healthy
 
     settings = _settings()
-    api_url = _stack(settings, quiet=True).require_api_url()
-    require_healthy(api_url)
+    connection = _stack(settings, quiet=True).connection()
+    connection.require_healthy()
     specs = pools.WorkPoolSpec.load_all(settings.require_project() / "workpools")
-    with prefect_client(api_url) as client:
+    with connection.client() as client:
         changes = pools.apply(client, specs)
     for line in changes or [f"pools up to date: {', '.join(s.name for s in specs)}"]:
         out.print(line)

@@ -56,11 +56,11 @@ def write_batch(root: Path) -> tuple[Path, Path]:
 
 
 def run_demo(settings: Settings, stack, console: Console) -> Outcome:
-    api_url = stack.up()
+    connection = stack.up()
     root = settings.home / "demo" / time.strftime("%Y%m%d-%H%M%S")
     batch, scratch = write_batch(root)
     console.print(f"sample batch: {EXPERIMENTS} experiments x {RUNS_PER_EXPERIMENT} runs in {batch}")
-    outcome = trigger(api_url, Trigger("sierra/local", str(batch), str(scratch)), console)
+    outcome = trigger(connection, Trigger("sierra/local", str(batch), str(scratch)), console)
     console.print(f"outputs: {batch / 'exp-outputs'}  logs: {scratch / 'sierra-prefect'}")
-    console.print(f"Prefect UI: {api_url.removesuffix('/api')}")
+    console.print(f"Prefect UI: {connection.ui_url}")
     return outcome

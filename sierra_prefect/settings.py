@@ -8,11 +8,13 @@ shows the values in force.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sierra_prefect.errors import ShimError
@@ -26,7 +28,7 @@ def _find_project_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SIERRA_PREFECT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SIERRA_PREFECT_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(
         default_factory=lambda: Path.home() / ".sierra-prefect",
@@ -36,7 +38,22 @@ class Settings(BaseSettings):
         default_factory=_find_project_dir,
         description="The checkout with prefect.yaml, workpools/ and flows/.",
     )
-    host: str = Field("127.0.0.1", description="Address the embedded server binds to.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the embedded server binds to; anything but loopback needs auth_string.",
+    )
+    database_url: SecretStr | None = Field(
+        None,
+        description=(
+            "Database of the embedded server, e.g. postgresql+asyncpg://user:pw@127.0.0.1/prefect "
+            "(default: SQLite under home)."
+        ),
+    )
+    auth_string: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("SIERRA_PREFECT_AUTH_STRING", "PREFECT_API_AUTH_STRING"),
+        description="'user:password' the server requires and the shim and workers send.",
+    )
     port: int | Literal["auto"] | None = Field(
         None,
         description=(
@@ -74,6 +91,49 @@ class Settings(BaseSettings):
     @property
     def state_file(self) -> Path:
         return self.home / "stack.json"
+
+    @property
+    def connect_host(self) -> str:
+        """Where clients on this machine reach the server (a wildcard bind is local too)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    def require_safe_exposure(self) -> None:
+        if not self.is_loopback() and not self.auth_string:
+            raise ShimError(
+                f"the server would listen on {self.host} without credentials: set "
+                "SIERRA_PREFECT_AUTH_STRING='user:password' (or keep --host 127.0.0.1)"
+            )
+
+    def auth_secret(self) -> str | None:
+        return self.auth_string.get_secret_value() if self.auth_string else None
+
+    def server_env(self) -> dict[str, str]:
+        env = {}
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url.get_secret_value()
+        if self.auth_string:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_secret()
+        return env
+
+    def client_env(self) -> dict[str, str]:
+        return {"PREFECT_API_AUTH_STRING": self.auth_secret()} if self.auth_string else {}
+
+    def public(self) -> dict:
+        """The settings with credentials masked (for status output)."""
+        values = self.model_dump(mode="json")
+        if self.database_url:
+            values["database_url"] = re.sub(
+                r"//([^:/@]+):[^@]*@", r"//\1:***@", self.database_url.get_secret_value()
+            )
+        if self.auth_string:
+            values["auth_string"] = "***"
+        return values
 
     def require_project(self) -> Path:
         if not (self.project_dir / "prefect.yaml").is_file():

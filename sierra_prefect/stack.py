@@ -14,13 +14,10 @@ import hashlib
 import socket
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
-
-import httpx
 
 from sierra_prefect import deployments, pools
+from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord
 from sierra_prefect.settings import DEFAULT_PORT, Settings, prefect_env
@@ -28,40 +25,6 @@ from sierra_prefect.state import StackState, locked
 
 # The pool each kind of worker serves (see workpools/).
 WORKER_POOLS = {"process": "sierra-pool", "docker": "sierra-docker-pool"}
-
-
-@contextmanager
-def prefect_client(api_url: str) -> Iterator[object]:
-    """A sync Prefect client for ``api_url`` (never an ephemeral server)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        with get_client(sync_client=True) as client:
-            yield client
-
-
-def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(f"{api_url}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def require_healthy(api_url: str) -> None:
-    if not is_healthy(api_url, timeout=5.0):
-        raise ShimError(
-            f"Prefect server at {api_url} is unreachable: start it with "
-            "`sierra-prefect up` or fix PREFECT_API_URL"
-        )
-
-
-def server_version(api_url: str) -> str | None:
-    try:
-        response = httpx.get(f"{api_url}/admin/version", timeout=5.0)
-        return response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -112,14 +75,15 @@ class Stack:
     def api_url(self) -> str | None:
         return self.settings.api_url or self.state.api_url
 
-    def require_api_url(self) -> str:
+    def connection(self) -> Connection:
+        """The server this stack's commands talk to; error if there is none yet."""
         url = self.api_url()
         if not url:
             raise ShimError(
                 f"no Prefect server known for SIERRA_PREFECT_HOME={self.settings.home}: "
                 "run `sierra-prefect up` or set PREFECT_API_URL"
             )
-        return url
+        return Connection(url, self.settings.auth_secret())
 
     def worker_name(self, kind: str, index: int) -> str:
         # Unique per user, host and home, so stacks sharing a server never collide.
@@ -128,13 +92,15 @@ class Stack:
 
     # -- up ------------------------------------------------------------------------
 
-    def up(self, docker: bool = False) -> str:
+    def up(self, docker: bool = False) -> Connection:
         project = self.settings.require_project()
         specs = pools.WorkPoolSpec.load_all(project / "workpools")
         with locked(self.settings.home):
             self.state = StackState.load(self.settings.state_file)
             api_url = self._ensure_server()
-            with prefect_client(api_url) as client:
+            connection = Connection(api_url, self.settings.auth_secret())
+            connection.server_version()  # fails clearly on wrong credentials
+            with connection.client() as client:
                 for change in pools.apply(client, specs):
                     self.say(change)
                 self._ensure_deployed(client, api_url, project)
@@ -143,36 +109,37 @@ class Stack:
                     self._ensure_image(project)
                     self._ensure_worker(client, api_url, "docker")
             self.state.save(self.settings.state_file)
-        return api_url
+        return connection
 
     def _ensure_server(self) -> str:
         if self.external:
-            require_healthy(self.settings.api_url)
+            Connection(self.settings.api_url).require_healthy()
             self.say(f"using the Prefect server at {self.settings.api_url} (PREFECT_API_URL)")
             self.state.api_url = self.settings.api_url
             return self.settings.api_url
         server = self.state.server
-        if server and server.is_running() and self.state.api_url and is_healthy(self.state.api_url):
+        if server and server.is_running() and self.state.api_url and Connection(self.state.api_url).is_healthy():
             self.say(f"server already up at {self.state.api_url} (pid {server.pid})")
             return self.state.api_url
         if server and server.is_running():
             # Ours but not answering: restart it rather than leave a zombie server.
             self.say(f"server pid {server.pid} is not healthy; restarting it")
             server.stop()
+        self.settings.require_safe_exposure()
         port = self._choose_port()
-        api_url = f"http://{self.settings.host}:{port}/api"
+        api_url = f"http://{self.settings.connect_host}:{port}/api"
         argv = [sys.executable, "-m", "prefect", "server", "start",
                 "--host", self.settings.host, "--port", str(port)]
         self.settings.prefect_home.mkdir(parents=True, exist_ok=True)
         record = ProcessRecord.spawn(
-            "server", argv, prefect_env(None, self.settings),
+            "server", argv, prefect_env(None, self.settings, **self.settings.server_env()),
             self.settings.logs_dir / "server.log", self.settings.home,
         )
         self.state.server, self.state.api_url, self.state.port = record, api_url, port
         self.state.deployed_digest = None
         self.state.save(self.settings.state_file)
         self.say(f"starting Prefect server on {api_url} (pid {record.pid})")
-        _wait_for(lambda: is_healthy(api_url), self.settings.server_start_timeout,
+        _wait_for(lambda: Connection(api_url).is_healthy(), self.settings.server_start_timeout,
                   record, "Prefect server")
         return api_url
 
@@ -198,7 +165,8 @@ class Stack:
             return
         self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
         deployments.deploy_all(
-            project, prefect_env(api_url, self.settings), self.settings.logs_dir / "deploy.log"
+            project, prefect_env(api_url, self.settings, **self.settings.client_env()),
+            self.settings.logs_dir / "deploy.log",
         )
         still = deployments.missing(client, names)
         if still:
@@ -229,7 +197,7 @@ class Stack:
                 "--pool", pool, "--type", kind, "--name", name]
         record = ProcessRecord.spawn(
             f"worker:{kind}", argv,
-            prefect_env(api_url, self.settings,
+            prefect_env(api_url, self.settings, **self.settings.client_env(),
                         PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds)),
             self.settings.logs_dir / f"worker-{kind}.log", self.settings.home,
         )
@@ -267,22 +235,23 @@ class Stack:
         from prefect import __version__ as client_version
 
         api_url = self.api_url()
-        healthy = bool(api_url) and is_healthy(api_url)
+        connection = Connection(api_url, self.settings.auth_secret()) if api_url else None
+        healthy = bool(connection) and connection.is_healthy()
         report: dict = {
             "home": str(self.settings.home),
             "api_url": api_url,
-            "ui_url": api_url[: -len("/api")] if api_url and api_url.endswith("/api") else api_url,
+            "ui_url": connection.ui_url if connection else None,
             "external_server": self.external,
             "healthy": healthy,
             "prefect_client_version": client_version,
-            "prefect_server_version": server_version(api_url) if healthy else None,
+            "prefect_server_version": connection.server_version() if healthy else None,
             "pids": self.state.pids(),
             "pools": {},
             "deployments": [],
-            "settings": self.settings.model_dump(mode="json"),
+            "settings": self.settings.public(),
         }
         if healthy:
-            with prefect_client(api_url) as client:
+            with connection.client() as client:
                 for pool in client.read_work_pools():
                     workers = client.read_workers_for_work_pool(pool.name)
                     report["pools"][pool.name] = {

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.plan import BatchInputError, check_roots, is_done, plan_runs, prepare_scratch, read_commands
 from flows.summary import BatchSummary
 from sierra_prefect.errors import ShimError
-from sierra_prefect.stack import prefect_client, require_healthy
+from sierra_prefect.connection import Connection
 
 POLL_SECONDS = 0.5
 CANCEL_DEADLINE_SECONDS = 60.0
@@ -113,11 +113,13 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
     return len(runs), done
 
 
-def check_deployment(client, api_url: str, name: str, work_pool: str | None = None):
+def check_deployment(client, connection: Connection, name: str, work_pool: str | None = None):
     """The deployment and its pool exist (and match ``work_pool`` if given)."""
     from prefect.exceptions import ObjectNotFound
 
-    require_healthy(api_url)
+    api_url = connection.api_url
+    connection.require_healthy()
+    connection.server_version()  # one clear line if our credentials are refused
     if "/" not in name:
         raise ShimError(f"deployment '{name}' is not FLOW/NAME: use e.g. sierra/local")
     try:
@@ -152,23 +154,21 @@ def _check_params(deployment, params: dict[str, Any]) -> None:
         )
 
 
-def trigger(api_url: str, request: Trigger, console: Console, as_json: bool = False) -> Outcome:
+def trigger(connection: Connection, request: Trigger, console: Console) -> Outcome:
     from prefect.deployments import run_deployment
 
     total, done = plan_locally(request)
-    with prefect_client(api_url) as client:
-        deployment = check_deployment(client, api_url, request.deployment, request.work_pool)
+    with connection.client() as client:
+        deployment = check_deployment(client, connection, request.deployment, request.work_pool)
         _check_params(deployment, request.parameters())
-        _docker_job_variables(client, api_url, deployment, request, console)
+        _docker_job_variables(client, connection, deployment, request, console)
         if not _pool_has_workers(client, deployment.work_pool_name):
             console.print(
                 f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
                 f"waits until one starts (`prefect worker start --pool "
                 f"{deployment.work_pool_name}` or `sierra-prefect up`)[/yellow]"
             )
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: api_url}):
+        with connection.prefect_settings():
             flow_run = run_deployment(
                 request.deployment,
                 parameters=request.parameters(),
@@ -177,18 +177,16 @@ def trigger(api_url: str, request: Trigger, console: Console, as_json: bool = Fa
                 timeout=0,
                 as_subflow=False,
             )
-        ui = api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-        ui_url = f"{ui}/runs/flow-run/{flow_run.id}"
+        ui_url = f"{connection.ui_url}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
         return follow(client, flow_run.id, total, done, console, ui_url)
 
 
-def _docker_job_variables(client, api_url: str, deployment, request: Trigger, console: Console) -> None:
+def _docker_job_variables(client, connection: Connection, deployment, request: Trigger, console: Console) -> None:
     """For a Docker deployment: mount the roots, apply image/user/mounts, check versions."""
     from prefect import __version__ as client_version
 
     from sierra_prefect import docker
-    from sierra_prefect.stack import server_version
 
     pool = client.read_work_pool(deployment.work_pool_name)
     if pool.type != "docker":
@@ -211,7 +209,7 @@ def _docker_job_variables(client, api_url: str, deployment, request: Trigger, co
     if not image:
         raise ShimError(f"{request.deployment} names no image: pass --image IMAGE")
     try:
-        docker.check_versions(image, client_version, server_version(api_url))
+        docker.check_versions(image, client_version, connection.server_version())
     except docker.DockerUnavailable as exc:
         # A client without Docker (e.g. a laptop triggering a lab server): the flow
         # checks its own Prefect against the server's before any run starts.

@@ -120,3 +120,18 @@ def test_pool_file_with_unknown_job_variable_is_rejected(tmp_path):
     spec = WorkPoolSpec.load_all(tmp_path)[0]
     with pytest.raises(ShimError, match="'nope' is not a job variable"):
         spec.base_job_template()
+
+
+def test_allowed_roots_resolve_dotdot_and_symlinks(tmp_path):
+    from flows.plan import check_allowed
+
+    allowed = tmp_path / "allowed"
+    (allowed / "batch").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (allowed / "sneaky").symlink_to(outside)
+    check_allowed({"input_root": str(allowed / "batch")}, str(allowed))
+    check_allowed({"input_root": str(outside)}, None)  # no limit configured
+    for bad in [outside, allowed / ".." / "outside", allowed / "sneaky"]:
+        with pytest.raises(BatchInputError, match="is outside the allowed roots"):
+            check_allowed({"input_root": str(bad)}, f"{tmp_path / 'elsewhere'}:{allowed}")

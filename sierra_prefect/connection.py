@@ -1,0 +1,82 @@
+"""How the shim talks to a Prefect server: its API URL and, when set, its auth string.
+
+Every Prefect client the shim makes and every plain HTTP call it sends goes through a
+``Connection``, so the credentials (Prefect's ``PREFECT_API_AUTH_STRING``) are sent
+wherever needed and printed nowhere.
+"""
+
+from __future__ import annotations
+
+import base64
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+
+from sierra_prefect.errors import ShimError
+
+
+@dataclass(frozen=True)
+class Connection:
+    api_url: str
+    auth_string: str | None = None
+
+    def __repr__(self) -> str:  # never show the credentials
+        return f"Connection({self.api_url!r}, auth={'yes' if self.auth_string else 'no'})"
+
+    @property
+    def ui_url(self) -> str:
+        return self.api_url.removesuffix("/api")
+
+    def _headers(self) -> dict[str, str]:
+        if not self.auth_string:
+            return {}
+        token = base64.b64encode(self.auth_string.encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    @contextmanager
+    def client(self) -> Iterator[object]:
+        """A sync Prefect client for this server (never an ephemeral one)."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url,
+                                 PREFECT_API_AUTH_STRING: self.auth_string}):
+            with get_client(sync_client=True) as client:
+                yield client
+
+    @contextmanager
+    def prefect_settings(self) -> Iterator[None]:
+        """Prefect's own helpers (e.g. run_deployment) pointed at this server."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url,
+                                 PREFECT_API_AUTH_STRING: self.auth_string}):
+            yield
+
+    def is_healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def require_healthy(self) -> None:
+        if not self.is_healthy(timeout=5.0):
+            raise ShimError(
+                f"Prefect server at {self.api_url} is unreachable: start it with "
+                "`sierra-prefect up` or fix PREFECT_API_URL"
+            )
+
+    def server_version(self) -> str | None:
+        """The server's Prefect version; ShimError if it refuses our credentials."""
+        try:
+            response = httpx.get(f"{self.api_url}/admin/version", headers=self._headers(), timeout=5.0)
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 401:
+            raise ShimError(
+                f"Prefect server at {self.api_url} refused the credentials: set "
+                "PREFECT_API_AUTH_STRING (or SIERRA_PREFECT_AUTH_STRING) to its auth string"
+            )
+        return response.json() if response.status_code == 200 else None
