@@ -1,0 +1,299 @@
+"""Behaviour shared by the ``prefectdeploy.*`` plugins.
+
+Each plugin turns SIERRA's stage 2 into one shell command per batch
+(per-batch paradigm) or per experiment (per-exp paradigm)::
+
+    sierra-prefect run DEPLOYMENT --input-root DIR --scratch-root DIR \\
+        [--max-parallel N] [--run-timeout S] [--no-resume] [--workdir DIR] \\
+        [--work-pool POOL] [--work-queue QUEUE] \\
+        [--image IMG] [--host-user] [--mount SRC:DST[:MODE]]...
+
+and nothing else: no pre/post commands, no server, no workers. The shim exits
+0 iff every run succeeded, which is what SIERRA (and ``--exec-strict``) looks
+at.
+
+Mapping from SIERRA:
+
+- input root: ``batch_root`` (per-batch) / ``exp_input_root`` (per-exp); the
+  flow reads ``<input root>/commands.txt``, which is where SIERRA writes it.
+- scratch root: ``batch_scratch_root`` / ``exp_scratch_root``.
+- ``--exec-jobs-per-node N`` -> ``--max-parallel N`` (omitted when unset: the
+  deployment's cap applies).
+- ``--exec-resume`` -> the shim's default (skip runs that already succeeded);
+  without it -> ``--no-resume`` (run everything again), which is what
+  ``hpc.local`` does too. Every run records its success either way, so a batch
+  interrupted without ``--exec-resume`` can still be resumed later with it.
+- ``--deployment``, ``--work-pool`` (the pool the deployment must be on),
+  ``--work-queue``, ``--run-timeout``: passed through when given;
+  ``--work-pool`` also goes to ``sierra-prefect check``.
+- ``--workdir``: only ``prefectdeploy.local`` passes one (the directory SIERRA
+  runs in, where ``hpc.local`` runs commands too); in containers the commands
+  run in the input root.
+
+The executable is ``$SIERRA_PREFECT_BIN`` if set, else ``sierra-prefect`` from
+``PATH``, else the one next to the Python running SIERRA (a venv that is not
+activated), else the bare name.
+
+SIERRA's binding interfaces are matched by method names only (no subclassing,
+no ``implements``), so this works with sierra-research 1.5.8 through 1.5.16.
+"""
+
+import logging
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import typing as tp
+
+from sierra.core import types
+
+_logger = logging.getLogger(__name__)
+
+SHIM_NAME = "sierra-prefect"
+SHIM_ENV = "SIERRA_PREFECT_BIN"
+COMMANDS_FILE = "commands.txt"
+CHECK_TIMEOUT = 120  # seconds; `sierra-prefect check` imports Prefect and asks the server
+
+
+def shim_executable() -> str:
+    """The ``sierra-prefect`` executable the generated commands call."""
+    if override := os.environ.get(SHIM_ENV):
+        return override
+    if found := shutil.which(SHIM_NAME):
+        return found
+    sibling = pathlib.Path(sys.executable).parent / SHIM_NAME
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    return SHIM_NAME
+
+
+def parse_mount(spec: str) -> tuple[str, str, tp.Optional[str]]:
+    """Split a bind mount ``SRC:DST[:ro|rw]``; raise ValueError if malformed.
+
+    Only host-directory bind mounts (absolute SRC and DST) are accepted, as
+    ``sierra-prefect run --mount`` does.
+    """
+    parts = str(spec).split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(
+            f"Bad docker mount '{spec}': expected SRC:DST or SRC:DST:MODE "
+            "(e.g. /data:/data:ro)"
+        )
+    src, dst = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else None
+    if not (src.startswith("/") and dst.startswith("/")):
+        raise ValueError(f"Bad docker mount '{spec}': SRC and DST must be absolute paths")
+    if mode is not None and mode not in ("ro", "rw"):
+        raise ValueError(f"Bad docker mount '{spec}': MODE must be ro or rw, not '{mode}'")
+    return src, dst, mode
+
+
+def build_run_argv(
+    deployment: str,
+    input_root: tp.Union[str, os.PathLike],
+    scratch_root: tp.Union[str, os.PathLike],
+    *,
+    max_parallel: tp.Optional[int] = None,
+    run_timeout: tp.Optional[int] = None,
+    resume: bool = True,
+    workdir: tp.Optional[tp.Union[str, os.PathLike]] = None,
+    work_pool: tp.Optional[str] = None,
+    work_queue: tp.Optional[str] = None,
+    image: tp.Optional[str] = None,
+    host_user: bool = False,
+    mounts: tp.Sequence[str] = (),
+    shim: tp.Optional[str] = None,
+) -> list[str]:
+    """The ``sierra-prefect run`` argument vector (unquoted)."""
+    if not deployment:
+        raise ValueError("No Prefect deployment given (--deployment)")
+
+    argv = [
+        shim or shim_executable(),
+        "run",
+        deployment,
+        "--input-root",
+        str(input_root),
+        "--scratch-root",
+        str(scratch_root),
+    ]
+    if max_parallel is not None:
+        if int(max_parallel) < 1:
+            raise ValueError(f"--exec-jobs-per-node must be >= 1, got {max_parallel}")
+        argv += ["--max-parallel", str(int(max_parallel))]
+    if run_timeout is not None:
+        argv += ["--run-timeout", str(run_timeout)]
+    if not resume:
+        argv.append("--no-resume")
+    if workdir is not None:
+        argv += ["--workdir", str(workdir)]
+    if work_pool:
+        argv += ["--work-pool", work_pool]
+    if work_queue:
+        argv += ["--work-queue", work_queue]
+    if image:
+        argv += ["--image", image]
+    if host_user:
+        argv.append("--host-user")
+    for m in mounts:
+        parse_mount(m)
+        argv += ["--mount", str(m)]
+    return argv
+
+
+def quote_argv(argv: tp.Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+class _RunCmdGenerator:
+    """Turns cmdopts + one exec_opts dict into the single ``run`` command."""
+
+    def __init__(self, cmdopts: types.Cmdopts) -> None:
+        self.cmdopts = cmdopts
+
+    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
+        """Deployment-kind specific keyword arguments for :func:`build_run_argv`."""
+        return {}
+
+    def run_spec(
+        self,
+        input_root: str,
+        scratch_root: str,
+        exec_opts: types.StrDict,
+    ) -> types.ShellCmdSpec:
+        _check_cmdfile(input_root, exec_opts)
+
+        max_parallel = exec_opts.get("n_jobs", self.cmdopts.get("exec_jobs_per_node"))
+        resume = exec_opts.get("exec_resume", self.cmdopts.get("exec_resume", False))
+        argv = build_run_argv(
+            self.cmdopts["deployment"],
+            input_root,
+            scratch_root,
+            max_parallel=max_parallel,
+            run_timeout=self.cmdopts.get("run_timeout"),
+            resume=bool(resume),
+            work_pool=self.cmdopts.get("work_pool"),
+            work_queue=self.cmdopts.get("work_queue"),
+            **self.extra_argv_kwargs(),
+        )
+        return types.ShellCmdSpec(cmd=quote_argv(argv), shell=True, wait=True)
+
+
+def _check_cmdfile(input_root: str, exec_opts: types.StrDict) -> None:
+    """The flow reads <input root>/commands.txt: make sure SIERRA wrote it there."""
+    if "cmdfile_stem_path" not in exec_opts:
+        return
+    actual = pathlib.Path(
+        str(exec_opts["cmdfile_stem_path"]) + str(exec_opts.get("cmdfile_ext", ""))
+    )
+    expected = pathlib.Path(input_root) / COMMANDS_FILE
+    if actual != expected:
+        raise RuntimeError(
+            f"SIERRA's commands file is {actual}, but the Prefect flow reads "
+            f"{expected}: this SIERRA version lays out batches differently "
+            "than sierra-prefect expects"
+        )
+
+
+class BatchShellCmdsGenerator(_RunCmdGenerator):
+    """Per-batch paradigm: one ``sierra-prefect run`` for the whole batch."""
+
+    def pre_batch_cmds(self) -> list[types.ShellCmdSpec]:
+        return []
+
+    def exec_batch_cmds(self, exec_opts: types.StrDict) -> list[types.ShellCmdSpec]:
+        return [
+            self.run_spec(
+                str(exec_opts["batch_root"]),
+                str(exec_opts["batch_scratch_root"]),
+                exec_opts,
+            )
+        ]
+
+    def post_batch_cmds(self) -> list[types.ShellCmdSpec]:
+        return []
+
+
+class ExpShellCmdsGenerator(_RunCmdGenerator):
+    """Per-exp paradigm: one ``sierra-prefect run`` per experiment."""
+
+    def __init__(self, cmdopts: types.Cmdopts, exp_num: int) -> None:
+        super().__init__(cmdopts)
+        self.exp_num = exp_num
+
+    def pre_exp_cmds(self) -> list[types.ShellCmdSpec]:
+        return []
+
+    def exec_exp_cmds(self, exec_opts: types.StrDict) -> list[types.ShellCmdSpec]:
+        return [
+            self.run_spec(
+                str(exec_opts["exp_input_root"]),
+                str(exec_opts["exp_scratch_root"]),
+                exec_opts,
+            )
+        ]
+
+    def post_exp_cmds(self) -> list[types.ShellCmdSpec]:
+        return []
+
+
+def execenv_check(cmdopts: types.Cmdopts) -> None:
+    """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT`` must succeed.
+
+    Raises RuntimeError (SIERRA aborts stage 2 before running anything) with
+    the shim's one-line reason and the fix.
+    """
+    deployment = cmdopts["deployment"]
+    execenv = cmdopts.get("execenv", "prefectdeploy")
+    argv = [shim_executable(), "check", deployment]
+    if cmdopts.get("work_pool"):
+        argv += ["--work-pool", cmdopts["work_pool"]]
+    fix = "Start the Prefect stack with `sierra-prefect up`, then re-run stage 2."
+
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CHECK_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise RuntimeError(
+            f"--execenv={execenv}: cannot run '{argv[0]}': {e.strerror}. Install "
+            f"sierra-prefect where SIERRA runs (or set {SHIM_ENV}). {fix}"
+        ) from e
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(
+            f"--execenv={execenv}: '{quote_argv(argv)}' gave no answer within "
+            f"{CHECK_TIMEOUT}s. {fix}"
+        ) from e
+
+    if proc.returncode != 0:
+        # The shim's error is its last line (Prefect may log warnings before it).
+        lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+        lines = lines or [ln.strip() for ln in (proc.stdout or "").splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        message = (
+            f"--execenv={execenv}: Prefect deployment '{deployment}' is not "
+            f"usable: {reason}"
+        )
+        if "sierra-prefect up" not in reason:
+            message += f". {fix}"
+        raise RuntimeError(message)
+
+    _logger.info("Prefect deployment '%s' is ready", deployment)
+
+
+__all__ = [
+    "BatchShellCmdsGenerator",
+    "ExpShellCmdsGenerator",
+    "build_run_argv",
+    "execenv_check",
+    "parse_mount",
+    "quote_argv",
+    "shim_executable",
+]

@@ -1,0 +1,81 @@
+"""Real SIERRA drives the ``prefectdeploy.local`` plugin against a real stack, end to end."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from tests import sierra_support as ss
+from tests.conftest import base_env
+
+pytestmark = [pytest.mark.sierra, pytest.mark.slow]
+
+N_EXPERIMENTS, N_RUNS = 3, 2
+
+
+def _ok(result):
+    assert result.returncode == 0, f"SIERRA exited {result.returncode}:\n{ss.log_tail(result)}"
+
+
+def _runs_at_once(batch) -> int:
+    """Most runs that overlapped, from the start/end times toysim records per run."""
+    events = []
+    for run_csv in ss.expected_outputs(batch, name="run.csv"):
+        with open(run_csv, newline="") as handle:
+            row = next(csv.DictReader(handle))
+        events += [(float(row["start"]), 1), (float(row["end"]), -1)]
+    running = peak = 0
+    for _, delta in sorted(events):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("paradigm", ["per-batch", "per-exp"])
+def test_sierra_stage_1_and_2_through_prefectdeploy_local(stack, tmp_path, paradigm):
+    root = tmp_path / "sierra-root"
+    result = ss.run_sierra(
+        root, execenv="prefectdeploy.local", paradigm=paradigm, n_runs=N_RUNS,
+        n_experiments=N_EXPERIMENTS, env=ss.sierra_env(base=stack.env),
+        extra_args=["--exec-strict", "--exec-jobs-per-node", "2"],
+    )
+    _ok(result)
+    batch = ss.expected_batch_root(root, N_EXPERIMENTS)
+    assert len(ss.expected_outputs(batch)) == N_EXPERIMENTS * N_RUNS
+    assert ss.missing_outputs(batch) == []
+    assert _runs_at_once(batch) <= 2
+    # Our flow ran every run: one success marker each under the scratch root.
+    assert len(list(root.rglob("sierra-prefect/runs/*/done.json"))) == N_EXPERIMENTS * N_RUNS
+
+
+def test_failed_run_fails_sierra_stage_2_and_resume_finishes_it(stack, tmp_path):
+    root = tmp_path / "sierra-root"
+    env = ss.sierra_env(base=stack.env)
+    common = dict(execenv="prefectdeploy.local", paradigm="per-batch", n_runs=N_RUNS,
+                  n_experiments=N_EXPERIMENTS, env=env)
+    _ok(ss.run_sierra(root, stages=(1,), **common))
+    batch = ss.find_batch_root(root)
+    victim = ss.run_files(batch)[1]
+    marker = ss.make_run_fail(victim)
+
+    strict = ss.run_sierra(root, stages=(2,), extra_args=["--exec-strict"], **common)
+    assert strict.returncode != 0, ss.log_tail(strict)
+    assert ss.missing_outputs(batch) == [ss.expected_outputs(batch)[1]]
+
+    marker.unlink()
+    resumed = ss.run_sierra(root, stages=(2,), extra_args=["--exec-strict", "--exec-resume"], **common)
+    _ok(resumed)
+    assert ss.missing_outputs(batch) == []
+    # Only the failed run ran again: the others kept their first (and only) attempt.
+    second_attempts = list(root.rglob("sierra-prefect/runs/*/attempt-002.stdout"))
+    assert len(second_attempts) == 1, second_attempts
+
+
+def test_execenv_check_says_to_run_up_when_there_is_no_stack(tmp_path):
+    root = tmp_path / "sierra-root"
+    env = ss.sierra_env(base=base_env(tmp_path / "no-stack-home"))
+    result = ss.run_sierra(root, execenv="prefectdeploy.local", n_runs=1, n_experiments=2, env=env)
+    assert result.returncode != 0
+    assert "sierra-prefect up" in result.stdout
+    assert ss.missing_outputs(ss.find_batch_root(root)) == ss.expected_outputs(ss.find_batch_root(root))
