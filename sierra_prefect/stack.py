@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sierra_prefect import deployments, pools
 from sierra_prefect.connection import Connection
@@ -195,10 +197,12 @@ class Stack:
         name = self.worker_name(kind, len(self.state.workers))
         argv = [sys.executable, "-m", "prefect", "worker", "start",
                 "--pool", pool, "--type", kind, "--name", name]
+        env = prefect_env(api_url, self.settings, **self.settings.client_env(),
+                          PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
+        # Flow runs start `python -m prefect.engine` (workpools/): make it this venv's.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         record = ProcessRecord.spawn(
-            f"worker:{kind}", argv,
-            prefect_env(api_url, self.settings, **self.settings.client_env(),
-                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds)),
+            f"worker:{kind}", argv, env,
             self.settings.logs_dir / f"worker-{kind}.log", self.settings.home,
         )
         self.state.workers.append(record)
