@@ -3,12 +3,19 @@
 Each run gets a new session, so a timeout or a cancelled flow run can end the run and
 everything it started (``killpg``), and nothing else. ``LiveRuns`` remembers the groups
 that are still running so the flow can end them all when it is cancelled or crashes.
+
+If the flow-run process itself is killed (SIGKILL, a lost host), nothing in it can clean
+up: the run's leader gets SIGKILL from the kernel when its parent dies (``setpriv
+--pdeathsig``), and every process of a run carries ``SIERRA_PREFECT_RUN`` (its run
+directory) and ``SIERRA_PREFECT_FLOW_RUN`` in its environment, so the next flow run of the
+batch can find stragglers of a dead flow run (``find_stragglers``) and end exactly those.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 import signal
 import subprocess
 import threading
@@ -18,6 +25,10 @@ from pathlib import Path
 
 # bash like GNU parallel under SIERRA's hpc.local, so the same commands behave the same.
 SHELL = shutil.which("bash") or "/bin/sh"
+# util-linux's setpriv: the run's leader dies with the flow-run process (PR_SET_PDEATHSIG).
+SETPRIV = shutil.which("setpriv")
+RUN_ENV = "SIERRA_PREFECT_RUN"
+FLOW_RUN_ENV = "SIERRA_PREFECT_FLOW_RUN"
 # How long a run gets between SIGTERM and SIGKILL when it must be stopped.
 KILL_GRACE_SECONDS = 5.0
 
@@ -82,14 +93,22 @@ def run_command(
     stdout: Path,
     stderr: Path,
     timeout: float | None,
+    identity: dict[str, str] | None = None,
 ) -> RunOutcome:
-    """Run ``command`` with output appended to the given files; kill its group on timeout."""
+    """Run ``command`` with output appended to the given files; kill its group on timeout.
+
+    ``identity`` (e.g. ``{RUN_ENV: run_dir, FLOW_RUN_ENV: id}``) goes into the
+    environment of the run and everything it starts.
+    """
     started = time.monotonic()
+    argv = [SHELL, "-c", command]
+    if SETPRIV:
+        argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+    env = {**os.environ, **(identity or {})}
     with open(stdout, "ab") as out, open(stderr, "ab") as err:
         proc = subprocess.Popen(
-            command,
-            shell=True,
-            executable=SHELL,
+            argv,
+            env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -114,3 +133,44 @@ def run_command(
             return RunOutcome(None, True, time.monotonic() - started)
     finally:
         LIVE_RUNS.discard(proc.pid)
+
+
+def find_stragglers(run_dirs: Iterable[str]) -> dict[str, list[tuple[int, str]]]:
+    """Processes still running for these run directories: {run_dir: [(pid, flow_run_id)]}.
+
+    Found by the identity in their environment, so only processes of these runs match.
+    """
+    import psutil
+
+    wanted = set(run_dirs)
+    found: dict[str, list[tuple[int, str]]] = {}
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        run = env.get(RUN_ENV)
+        if run in wanted:
+            found.setdefault(run, []).append((proc.pid, env.get(FLOW_RUN_ENV, "")))
+    return found
+
+
+def end_processes(pids: Iterable[int]) -> None:
+    """SIGTERM, then SIGKILL after the grace period, the given processes."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=KILL_GRACE_SECONDS)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=KILL_GRACE_SECONDS)

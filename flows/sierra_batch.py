@@ -49,7 +49,14 @@ from prefect.context import get_run_context
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.execute import LIVE_RUNS, run_command
+from flows.execute import (
+    FLOW_RUN_ENV,
+    LIVE_RUNS,
+    RUN_ENV,
+    end_processes,
+    find_stragglers,
+    run_command,
+)
 from flows.plan import (
     ALLOWED_ROOTS_ENV,
     RunSpec,
@@ -91,8 +98,10 @@ def run_one(
 ) -> dict:
     """Run one experimental run; return its outcome, or a Failed state carrying it."""
     run = RunSpec(index=index, command=command, run_id=run_id, name=name)
-    stdout, stderr = new_attempt_logs(run_dir(Path(scratch_root), run))
-    outcome = run_command(command, Path(workdir), stdout, stderr, run_timeout)
+    directory = run_dir(Path(scratch_root), run)
+    stdout, stderr = new_attempt_logs(directory)
+    identity = {RUN_ENV: str(directory), FLOW_RUN_ENV: str(get_run_context().task_run.flow_run_id)}
+    outcome = run_command(command, Path(workdir), stdout, stderr, run_timeout, identity)
     record = {
         "name": name,
         "run_id": run_id,
@@ -156,6 +165,32 @@ def _require_server_version() -> None:
         )
 
 
+def _end_stragglers(scratch: Path, runs: list[RunSpec], logger) -> None:
+    """End processes of these runs left by flow runs that are no longer running.
+
+    A flow-run process killed outright (worker or host lost) cannot end its runs; they
+    would race the new attempt for the same outputs. Runs of flow runs that are still
+    running (e.g. a sibling of a spread batch) are left alone.
+    """
+    found = find_stragglers(str(run_dir(scratch, r)) for r in runs)
+    if not found:
+        return
+    flow_run_ids = {fr for procs in found.values() for _, fr in procs}
+    live = set()
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except Exception:  # unknown to this server: nothing vouches for it
+                continue
+            if state and not state.is_final():
+                live.add(flow_run_id)
+    orphans = [pid for procs in found.values() for pid, fr in procs if fr not in live]
+    if orphans:
+        logger.warning("ending %d processes left by an ended flow run: %s", len(orphans), orphans)
+        end_processes(orphans)
+
+
 def _publish(summary: BatchSummary) -> None:
     """The summary as artifacts: markdown for the UI, JSON for the shim."""
     create_markdown_artifact(
@@ -198,6 +233,7 @@ def sierra(
     prepare_scratch(scratch)
 
     todo: list[RunSpec] = [r for r in runs if not (resume and is_done(scratch, r))]
+    _end_stragglers(scratch, todo, logger)
     skipped = len(runs) - len(todo)
     logger.info(
         "%d runs (%d already done), at most %d at once", len(runs), skipped, cap

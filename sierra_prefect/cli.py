@@ -204,15 +204,15 @@ def plugin_path() -> None:
 
 @pools_app.command("apply")
 def pools_apply() -> None:
-    """Create or update the pools of workpools/ on the server (idempotent)."""
-    from sierra_prefect import pools
+    """Create or update the pools of workpools/ (and the crash automation) on the server."""
+    from sierra_prefect import automations, pools
 
     settings = _settings()
     connection = _stack(settings, quiet=True).connection()
     connection.require_healthy()
     specs = pools.WorkPoolSpec.load_all(settings.require_project() / "workpools")
     with connection.client() as client:
-        changes = pools.apply(client, specs)
+        changes = pools.apply(client, specs) + automations.apply(client)
     for line in changes or [f"pools up to date: {', '.join(s.name for s in specs)}"]:
         out.print(line)
 

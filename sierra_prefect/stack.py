@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sierra_prefect import deployments, pools
+from sierra_prefect import automations, deployments, pools
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord
@@ -31,6 +31,8 @@ WORKER_POOLS = {"process": "sierra-pool", "docker": "sierra-docker-pool"}
 
 def _port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the server binds: a port whose old connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
             return True
@@ -103,7 +105,7 @@ class Stack:
             connection = Connection(api_url, self.settings.auth_secret())
             connection.server_version()  # fails clearly on wrong credentials
             with connection.client() as client:
-                for change in pools.apply(client, specs):
+                for change in pools.apply(client, specs) + automations.apply(client):
                     self.say(change)
                 self._ensure_deployed(client, api_url, project)
                 self._ensure_worker(client, api_url, "process")
@@ -147,6 +149,10 @@ class Stack:
 
     def _choose_port(self) -> int:
         host, port = self.settings.host, self.settings.port
+        # After a crash, come back where workers and running flows expect the server.
+        previous = self.state.port
+        if port in (None, "auto") and previous and _port_is_free(host, previous):
+            return previous
         if port == "auto":
             return _free_port(host)
         if port is None:
@@ -229,7 +235,7 @@ class Stack:
                     )
             self.state.workers, self.state.server = [], None
             if not self.external:
-                self.state.api_url = None
+                self.state.api_url, self.state.port = None, None
             self.state.save(self.settings.state_file)
         return lines
 

@@ -27,6 +27,8 @@ from sierra_prefect.connection import Connection
 
 POLL_SECONDS = 0.5
 CANCEL_DEADLINE_SECONDS = 60.0
+# How long `run` keeps following while the server does not answer (e.g. a restart).
+OUTAGE_DEADLINE_SECONDS = 300.0
 
 
 @dataclass
@@ -282,9 +284,25 @@ def _watch(client, flow_run_id: UUID, total: int, skipped: int, console: Console
 
 
 def _poll(client, flow_run_id: UUID, show) -> Any:
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    down_since: float | None = None
     while True:
-        flow_run = client.read_flow_run(flow_run_id)
-        counts = task_counts(client, flow_run_id)
+        try:
+            flow_run = client.read_flow_run(flow_run_id)
+            counts = task_counts(client, flow_run_id)
+        except (httpx.HTTPError, PrefectHTTPStatusError) as exc:
+            # The batch goes on without the server; keep following until it is back.
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > OUTAGE_DEADLINE_SECONDS:
+                raise ShimError(
+                    f"lost the Prefect server for {OUTAGE_DEADLINE_SECONDS:.0f} s ({exc.__class__.__name__}): "
+                    f"the batch may still be running; re-run the same command to resume it"
+                ) from None
+            time.sleep(1.0)
+            continue
+        down_since = None
         show(counts.get("COMPLETED", 0), counts.get("FAILED", 0) + counts.get("CRASHED", 0))
         if flow_run.state and flow_run.state.is_final():
             return flow_run.state
