@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -70,6 +70,7 @@ from flows.plan import (
     read_commands,
     run_dir,
 )
+from flows.spread import FanOut, declined_summary, worker_name, worker_slot
 from flows.summary import BatchSummary, FailedRun
 
 SUMMARY_KEY = "sierra-summary"
@@ -209,38 +210,10 @@ def _publish(summary: BatchSummary) -> None:
         )
 
 
-@flow(name="sierra", log_prints=False, persist_result=False)
-def sierra(
-    input_root: str,
-    scratch_root: str,
-    max_parallel: int | None = None,
-    resume: bool = True,
-    run_timeout: float | None = None,
-    workdir: str | None = None,
-):
-    """Run every experimental run in ``<input_root>/commands.txt`` under a cap."""
-    logger = get_run_logger()
-    _require_server_version()
-    inp, scratch = check_roots(input_root, scratch_root)
-    named = {"input_root": input_root, "scratch_root": scratch_root}
-    if workdir:
-        named["workdir"] = workdir
-    check_allowed(named, os.environ.get(ALLOWED_ROOTS_ENV))
-    runs = plan_runs(inp, read_commands(inp))
-    cap = max_parallel or default_cap()
-    if cap < 1:
-        raise ValueError(f"max_parallel must be at least 1, not {cap}")
-    prepare_scratch(scratch)
-
-    todo: list[RunSpec] = [r for r in runs if not (resume and is_done(scratch, r))]
-    _end_stragglers(scratch, todo, logger)
-    skipped = len(runs) - len(todo)
-    logger.info(
-        "%d runs (%d already done), at most %d at once", len(runs), skipped, cap
-    )
-
-    succeeded = 0
-    failed_runs: list[FailedRun] = []
+def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
+              run_timeout: float | None) -> tuple[int, list[FailedRun]]:
+    """Run ``todo`` in this flow run, at most ``cap`` at once; (succeeded, failed runs)."""
+    succeeded, failed_runs = 0, []
     with _runs_end_with_the_flow(), ThreadPoolTaskRunner(max_workers=cap) as runner:
         futures = [
             runner.submit(
@@ -251,7 +224,7 @@ def sierra(
                     "command": r.command,
                     "index": r.index,
                     "scratch_root": str(scratch),
-                    "workdir": workdir or str(inp),
+                    "workdir": workdir,
                     "run_timeout": run_timeout,
                 },
             )
@@ -268,22 +241,113 @@ def sierra(
             else:
                 # The task itself crashed (not the command): report what we know.
                 failed_runs.append(_crashed(run, scratch, outcome))
+    return succeeded, failed_runs
 
+
+@flow(name="sierra", log_prints=False, persist_result=False)
+def sierra(
+    input_root: str,
+    scratch_root: str,
+    max_parallel: int | None = None,
+    resume: bool = True,
+    run_timeout: float | None = None,
+    workdir: str | None = None,
+    spread: int | None = None,
+    only_runs: list[int] | None = None,
+    spread_group: str | None = None,
+):
+    """Run every experimental run in ``<input_root>/commands.txt`` under a cap.
+
+    ``spread`` > 1 fans the batch out to that many child flow runs on the pool's workers
+    (flows/spread.py); ``only_runs`` and ``spread_group`` are how the parent tells a child
+    its share.
+    """
+    logger = get_run_logger()
+    _require_server_version()
+    inp, scratch = check_roots(input_root, scratch_root)
+    named = {"input_root": input_root, "scratch_root": scratch_root}
+    if workdir:
+        named["workdir"] = workdir
+    check_allowed(named, os.environ.get(ALLOWED_ROOTS_ENV))
+    runs = plan_runs(inp, read_commands(inp))
+    cap = max_parallel or default_cap()
+    if cap < 1:
+        raise ValueError(f"max_parallel must be at least 1, not {cap}")
+    if spread is not None and spread < 1:
+        raise ValueError(f"spread must be at least 1, not {spread}")
+    prepare_scratch(scratch)
+    if only_runs is not None:
+        share = set(only_runs)
+        runs = [r for r in runs if r.index in share]
+
+    todo: list[RunSpec] = [r for r in runs if not (resume and is_done(scratch, r))]
+    skipped = len(runs) - len(todo)
     summary = BatchSummary(
-        input_root=str(inp),
-        scratch_root=str(scratch),
-        total=len(runs),
-        succeeded=succeeded,
-        failed=len(failed_runs),
-        skipped=skipped,
-        max_parallel=cap,
-        failed_runs=failed_runs,
+        input_root=str(inp), scratch_root=str(scratch), total=len(runs), succeeded=0,
+        failed=0, skipped=skipped, max_parallel=cap,
     )
+    worker = worker_name()
+    if spread and spread > 1 and only_runs is None:
+        deployment = _deployment_name()
+        if not deployment:
+            raise ValueError("spread needs a deployment: trigger it with `sierra-prefect run --spread N`")
+        logger.info("%d runs (%d already done) spread over %d child flow runs", len(runs), skipped, spread)
+        _end_stragglers(scratch, todo, logger)
+        fan = FanOut(
+            deployment=deployment,
+            parameters={"input_root": input_root, "scratch_root": scratch_root,
+                        "max_parallel": max_parallel, "resume": resume,
+                        "run_timeout": run_timeout, "workdir": workdir,
+                        "spread_group": str(get_run_context().flow_run.id)},
+            job_variables=get_run_context().flow_run.job_variables or None,
+            scratch=scratch, logger=logger,
+        )
+        fan.run(todo, spread)
+        succeeded, failed_runs, workers = fan.succeeded, fan.failed_runs, fan.workers
+    else:
+        with worker_slot(scratch, spread_group, worker) if spread_group else nullcontext(True) as slot:
+            if not slot:
+                logger.info("a sibling of this batch already runs on %s: declining", worker)
+                _publish(declined_summary(summary, worker))
+                return summary.model_dump(mode="json")
+            logger.info("%d runs (%d already done), at most %d at once on %s",
+                        len(runs), skipped, cap, worker)
+            _end_stragglers(scratch, todo, logger)
+            succeeded, failed_runs = _run_here(todo, scratch, workdir or str(inp), cap, run_timeout)
+        workers = {worker: len(todo)}
+
+    summary = summary.model_copy(update={
+        "succeeded": succeeded, "failed": len(failed_runs), "failed_runs": failed_runs,
+        "workers": workers,
+    })
     _publish(summary)
     logger.info(summary.headline())
     if not summary.ok:
         return Failed(message=summary.headline(), data=summary.model_dump(mode="json"))
     return summary.model_dump(mode="json")
+
+
+def _deployment_name() -> str | None:
+    from prefect.runtime import deployment, flow_run
+
+    name = deployment.name
+    return f"{flow_run.flow_name}/{name}" if name else None
+
+
+def read_summary(client, flow_run_id) -> BatchSummary | None:
+    """The summary a flow run of ``sierra`` published (None if it published none)."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_JSON_KEY])),
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+    )
+    return BatchSummary.model_validate(artifacts[0].data) if artifacts else None
 
 
 def _crashed(run: RunSpec, scratch: Path, error: object) -> FailedRun:

@@ -28,6 +28,9 @@ class BatchSummary(BaseModel):
     skipped: int
     max_parallel: int
     failed_runs: list[FailedRun] = []
+    # Runs executed per worker (several with spread), and whether a spread child declined.
+    workers: dict[str, int] = {}
+    declined: bool = False
 
     @property
     def ok(self) -> bool:

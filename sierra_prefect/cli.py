@@ -140,6 +140,7 @@ def run(
     run_timeout: Optional[float] = typer.Option(None, help="Seconds before a run's process group is killed."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip runs that already succeeded."),
     workdir: Optional[str] = typer.Option(None, help="Directory the commands run in (default: input root)."),
+    spread: Optional[int] = typer.Option(None, help="Fan the batch out to N child flow runs, shared by the pool's workers."),
     param: List[str] = typer.Option([], help="Extra flow parameter KEY=VALUE (repeatable)."),
     work_pool: Optional[str] = typer.Option(None, help="Expected pool (must be the deployment's)."),
     work_queue: Optional[str] = typer.Option(None, help="Queue of the deployment's pool to use."),
@@ -161,6 +162,7 @@ def run(
         run_timeout=run_timeout,
         resume=resume,
         workdir=workdir,
+        spread=spread,
         params=dict(parse_param(p) for p in param),
         work_pool=work_pool,
         work_queue=work_queue,
@@ -187,6 +189,9 @@ def _report(outcome, as_json: bool) -> None:
         return
     style = "green" if summary.ok and outcome.state == "COMPLETED" else "red"
     out.print(f"[{style}]{outcome.state}: {summary.headline()}[/{style}]")
+    if len(summary.workers) > 1:
+        shares = ", ".join(f"{name} {count}" for name, count in sorted(summary.workers.items()))
+        out.print(f"runs per worker: {shares}", highlight=False)
     for failed in summary.failed_runs:
         code = "timed out" if failed.timed_out else f"exit {failed.exit_code}"
         out.print(f"  FAILED {failed.name} ({code}): {failed.command}", highlight=False)

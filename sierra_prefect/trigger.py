@@ -42,6 +42,7 @@ class Trigger:
     run_timeout: float | None = None
     resume: bool = True
     workdir: str | None = None
+    spread: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     job_variables: dict[str, Any] = field(default_factory=dict)
     work_pool: str | None = None
@@ -67,6 +68,8 @@ class Trigger:
             values["run_timeout"] = self.run_timeout
         if self.workdir is not None:
             values["workdir"] = self.workdir
+        if self.spread is not None:
+            values["spread"] = self.spread
         return {**values, **self.params}
 
 
@@ -109,6 +112,8 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
         raise ShimError(str(exc)) from exc
     if trigger.max_parallel is not None and trigger.max_parallel < 1:
         raise ShimError(f"--max-parallel {trigger.max_parallel} is below 1: pass 1 or more")
+    if trigger.spread is not None and trigger.spread < 1:
+        raise ShimError(f"--spread {trigger.spread} is below 1: pass the number of child flow runs")
     if trigger.run_timeout is not None and trigger.run_timeout <= 0:
         raise ShimError(f"--run-timeout {trigger.run_timeout} is not positive: pass seconds > 0")
     done = sum(is_done(scratch, r) for r in runs) if trigger.resume else 0
@@ -225,32 +230,18 @@ def _pool_has_workers(client, pool: str) -> bool:
 
 
 def task_counts(client, flow_run_id: UUID) -> dict[str, int]:
-    """Task runs of a flow run by state type, in one request."""
+    """Task runs of a flow run (and its children) by state type, in one request."""
     response = client.request(
         "POST",
         "/ui/task_runs/count",
-        json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}},
+        # The flow run and, with --spread, its child flow runs.
+        json={"flow_runs": {"operator": "or_", "id": {"any_": [str(flow_run_id)]},
+                            "parent_flow_run_id": {"any_": [str(flow_run_id)]}},
+              # Not the parent's stand-in task runs for its child flow runs.
+              "task_runs": {"subflow_runs": {"exists_": False}}},
     )
     response.raise_for_status()
     return {k.upper(): v for k, v in response.json().items()}
-
-
-def read_summary(client, flow_run_id: UUID) -> BatchSummary | None:
-    from flows.sierra_batch import SUMMARY_JSON_KEY
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterKey,
-        FlowRunFilter,
-        FlowRunFilterId,
-    )
-
-    artifacts = client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_JSON_KEY])),
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-    )
-    if not artifacts:
-        return None
-    return BatchSummary.model_validate(artifacts[0].data)
 
 
 def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, ui_url: str) -> Outcome:
@@ -260,6 +251,8 @@ def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, u
     except KeyboardInterrupt:
         console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
         state = cancel(client, flow_run_id)
+    from flows.sierra_batch import read_summary
+
     summary = read_summary(client, flow_run_id)
     return Outcome(flow_run_id, state.type.value, state.message, summary, ui_url)
 
