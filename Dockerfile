@@ -102,7 +102,8 @@ RUN set -eu; \
     useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /bin/sh sierra; \
     chmod 1777 /tmp
 ENV HOME=/tmp \
-    PREFECT_HOME=/tmp/.prefect
+    PREFECT_HOME=/tmp/.prefect \
+    PREFECT_UI_STATIC_DIRECTORY=/tmp/.prefect/ui
 
 # 4. The project itself (.dockerignore keeps out .venv, .git, caches, tests, outputs), with the
 #    flow code at a fixed path, the working directory of deployments that run in this image.

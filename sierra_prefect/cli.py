@@ -180,8 +180,11 @@ def _report(outcome, as_json: bool) -> None:
     summary = outcome.summary
     if as_json:
         payload = summary.model_dump(mode="json") if summary else {}
-        payload.update(flow_run_id=str(outcome.flow_run_id), state=outcome.state, ui_url=outcome.ui_url)
+        payload.update(flow_run_id=str(outcome.flow_run_id), state=outcome.state,
+                       message=outcome.message, ui_url=outcome.ui_url)
         out.print_json(json.dumps(payload))
+        if summary is None:
+            err.print(f"flow run ended {outcome.state} without a summary: {outcome.message}")
         return
     if summary is None:
         err.print(f"[red]flow run ended {outcome.state} without a summary: {outcome.message}[/red]")

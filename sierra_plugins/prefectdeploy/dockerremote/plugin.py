@@ -53,7 +53,11 @@ class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
 def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
     """Reject malformed ``--docker-extra-mounts`` before any stage runs."""
     for m in getattr(args, "docker_extra_mounts", None) or []:
-        common.parse_mount(m)
+        try:
+            common.parse_mount(m)
+        except ValueError as exc:
+            # One line and a non-zero exit, not SIERRA's "unexpected error" traceback.
+            raise SystemExit(f"error: --docker-extra-mounts: {exc}") from None
     return args
 
 
