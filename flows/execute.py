@@ -29,6 +29,14 @@ SHELL = shutil.which("bash") or "/bin/sh"
 SETPRIV = shutil.which("setpriv")
 RUN_ENV = "SIERRA_PREFECT_RUN"
 FLOW_RUN_ENV = "SIERRA_PREFECT_FLOW_RUN"
+# Credentials of the flow-run process that experimental runs must never see (a run that
+# prints its environment would write them into its log).
+SECRET_ENV = frozenset({
+    "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_PASSWORD",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_PASSWORD",
+    "SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL",
+})
 # How long a run gets between SIGTERM and SIGKILL when it must be stopped.
 KILL_GRACE_SECONDS = 5.0
 
@@ -104,7 +112,8 @@ def run_command(
     argv = [SHELL, "-c", command]
     if SETPRIV:
         argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-    env = {**os.environ, **(identity or {})}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(identity or {})
     with open(stdout, "ab") as out, open(stderr, "ab") as err:
         proc = subprocess.Popen(
             argv,

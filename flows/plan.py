@@ -94,8 +94,13 @@ def prepare_scratch(scratch_root: Path) -> None:
     """Create the scratch root if needed and make sure this process can write there."""
     try:
         (scratch_root / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=scratch_root / STATE_DIR, prefix=".write-check.")
-        probe.close()
+        fd, probe = tempfile.mkstemp(dir=scratch_root / STATE_DIR, prefix=".write-check.")
+        try:
+            os.write(fd, b"x")  # an empty file still fits on a full file system
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise BatchInputError(
             f"scratch_root '{scratch_root}' is not writable by uid {os.getuid()} "

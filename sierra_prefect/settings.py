@@ -152,6 +152,9 @@ def prefect_env(api_url: str | None, settings: Settings, **extra: str) -> dict[s
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_CLI_PROMPT="false",
     )
+    # Processes get credentials only in the variables Prefect reads (see server_env, client_env).
+    for name in ("SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL"):
+        env.pop(name, None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     else:

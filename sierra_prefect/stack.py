@@ -130,6 +130,7 @@ class Stack:
             self.say(f"server pid {server.pid} is not healthy; restarting it")
             server.stop()
         self.settings.require_safe_exposure()
+        self._require_same_server_settings()
         port = self._choose_port()
         api_url = f"http://{self.settings.connect_host}:{port}/api"
         argv = [sys.executable, "-m", "prefect", "server", "start",
@@ -140,12 +141,26 @@ class Stack:
             self.settings.logs_dir / "server.log", self.settings.home,
         )
         self.state.server, self.state.api_url, self.state.port = record, api_url, port
+        self.state.host = self.settings.host
+        self.state.database = self.settings.public()["database_url"]
         self.state.deployed_digest = None
         self.state.save(self.settings.state_file)
         self.say(f"starting Prefect server on {api_url} (pid {record.pid})")
         _wait_for(lambda: Connection(api_url).is_healthy(), self.settings.server_start_timeout,
                   record, "Prefect server")
         return api_url
+
+    def _require_same_server_settings(self) -> None:
+        """A server that comes back must come back with the host and database it had."""
+        if self.state.api_url is None or self.state.host is None:
+            return  # never started, or brought down on purpose
+        now = (self.settings.host, self.settings.public()["database_url"])
+        if now != (self.state.host, self.state.database):
+            raise ShimError(
+                f"this stack's server ran with --host {self.state.host} and database "
+                f"{self.state.database or 'SQLite'}: pass the same --host/--database again "
+                "(or `sierra-prefect down` first to start afresh)"
+            )
 
     def _choose_port(self) -> int:
         host, port = self.settings.host, self.settings.port
@@ -236,6 +251,7 @@ class Stack:
             self.state.workers, self.state.server = [], None
             if not self.external:
                 self.state.api_url, self.state.port = None, None
+                self.state.host, self.state.database = None, None
             self.state.save(self.settings.state_file)
         return lines
 
@@ -256,6 +272,7 @@ class Stack:
             "prefect_client_version": client_version,
             "prefect_server_version": connection.server_version() if healthy else None,
             "pids": self.state.pids(),
+            "server_started_with": {"host": self.state.host, "database": self.state.database},
             "pools": {},
             "deployments": [],
             "settings": self.settings.public(),

@@ -24,6 +24,10 @@ from sierra_prefect.processes import ProcessRecord
 class StackState(BaseModel):
     api_url: str | None = None
     port: int | None = None
+    # What the server was started with (database with its password masked), so a
+    # restart does not silently change them.
+    host: str | None = None
+    database: str | None = None
     server: ProcessRecord | None = None
     workers: list[ProcessRecord] = []
     # Hash of prefect.yaml + flows/ + workpools/ at the last successful deploy.

@@ -162,9 +162,9 @@ def _check_params(deployment, params: dict[str, Any]) -> None:
 
 
 def trigger(connection: Connection, request: Trigger, console: Console) -> Outcome:
+    total, done = plan_locally(request)
     from prefect.deployments import run_deployment
 
-    total, done = plan_locally(request)
     with connection.client() as client:
         deployment = check_deployment(client, connection, request.deployment, request.work_pool)
         _check_params(deployment, request.parameters())
