@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-exec .venv/bin/python -m pytest "$@"
+# Test files in parallel, each file in one process (its fixtures and stacks stay together).
+exec .venv/bin/python -m pytest -n "${SIERRA_PREFECT_TEST_PROCESSES:-3}" --dist loadfile "$@"
