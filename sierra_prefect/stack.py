@@ -262,7 +262,7 @@ class Stack:
 
         api_url = self.api_url()
         connection = Connection(api_url, self.settings.auth_secret()) if api_url else None
-        healthy = bool(connection) and connection.is_healthy()
+        healthy = bool(connection) and connection.is_healthy(timeout=10.0)
         report: dict = {
             "home": str(self.settings.home),
             "api_url": api_url,

@@ -273,7 +273,8 @@ def test_docker_extra_mount_on_sierra_root_replaces_default():
 @pytest.mark.parametrize("bad", ["/data", "data:/data", "/data:data", "/a:/b:rx", "/a:/b:ro:z", ":/b"])
 def test_docker_bad_mounts_rejected_before_any_stage(bad):
     args = docker_cmdline.build([], ALL_STAGES).parser.parse_args(["--docker-extra-mounts", bad])
-    with pytest.raises(ValueError, match="Bad docker mount"):
+    # One line and a non-zero exit (SystemExit), not SIERRA's traceback banner.
+    with pytest.raises(SystemExit, match="^error: --docker-extra-mounts: Bad docker mount"):
         docker_plugin.cmdline_postparse_configure(args)
 
 
