@@ -1,0 +1,223 @@
+"""The benchmark harness: one command, every measurement, BENCHMARKS.md and a plot.
+
+    .venv/bin/python -m benchmarks.run [--smoke] [--repeat N] [--out BENCHMARKS.md]
+
+Measures, in one run on this machine, side by side (see benchmarks/README.md):
+
+1. concurrency (ours vs a tag-based and a global concurrency limit),
+2. per-run overhead (ours vs GNU parallel),
+3. trigger latency,
+4. bring-up cold and warm,
+5. SIERRA stage 2 end to end (prefectdeploy.local vs hpc.local vs prefectserver.local),
+6. peak memory of the server and the worker.
+
+Writes ``--out`` (default ``BENCHMARKS.md`` at the repository root), the plot at
+``<out dir>/benchmarks/plot.png`` and the raw results as JSON under
+``<out dir>/benchmarks/results/``. ``--smoke`` runs every measurement at tiny sizes
+(one repeat) so the test suite can check that the harness still produces its table.
+Exit status 0 iff every measurement ran (a missed target is not an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+FULL = dict(concurrency_n=64, concurrency_seconds=0.5, cap=4, overhead_n=2000,
+            sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0)
+SMOKE = dict(concurrency_n=8, concurrency_seconds=0.2, cap=2, overhead_n=20,
+             sierra_experiments=2, sierra_runs=2, sierra_duration=0.0, tag_deadline=120.0)
+ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra")
+
+PROJECT = Path(__file__).resolve().parent.parent
+NOTES = Path(__file__).resolve().parent / "NOTES.md"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for tests)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="repeats per measurement (default 3, smoke 1)")
+    parser.add_argument("--out", type=Path, default=PROJECT / "BENCHMARKS.md",
+                        help="the markdown report to write (default: BENCHMARKS.md in the checkout)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="the PNG to write (default: <out dir>/benchmarks/plot.png)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(ITEMS)} (development; "
+                        "bring-up is then not measured but a stack is still started)")
+    parser.add_argument("--builtin", action=argparse.BooleanOptionalAction, default=None,
+                        help="run SIERRA's built-in prefectserver.local column (default: yes, "
+                        "but not with --smoke: it alone takes over a minute)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="parent of the temp work directory (default: the system temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report and plot from saved raw results")
+    args = parser.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    args.only = set(ITEMS if args.only is None else args.only.split(","))
+    unknown = args.only - set(ITEMS)
+    if unknown:
+        parser.error(f"unknown items {', '.join(sorted(unknown))}: choose from {', '.join(ITEMS)}")
+    return args
+
+
+def _isolate_this_process(work: Path) -> None:
+    """Prefect in this process (the client) must not touch ~/.prefect or any other server."""
+    for key in list(os.environ):
+        if key.startswith(("PREFECT_", "SIERRA_PREFECT_")):
+            del os.environ[key]
+    os.environ["PREFECT_HOME"] = str(work / "harness-prefect-home")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def render(args: argparse.Namespace) -> int:
+    from benchmarks import report
+
+    results = json.loads(args.render.read_text())
+    out = args.out.resolve()
+    plot = (args.plot or out.parent / "benchmarks" / "plot.png").resolve()
+    rows = report.build_rows(results)
+    report.write_plot(results, rows, plot)
+    notes = NOTES.read_text() if NOTES.is_file() and not results["config"]["smoke"] else None
+    report.write_markdown(results, rows, out, plot, notes)
+    print(f"wrote {out} and {plot} from {args.render}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        return render(args)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sierra-prefect-bench-", dir=args.workdir))
+    _isolate_this_process(work)
+
+    # SIGTERM ends the run like Ctrl-C does: through the finally that brings stacks down.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    from benchmarks import bringup, common, concurrency, overhead, report, sierra_e2e, trigger_latency
+    from benchmarks.common import Stack, log, loadavg, machine_info
+
+    common.WAIT_FOR_QUIET_SERVER = not args.smoke
+
+    sizes = SMOKE if args.smoke else FULL
+    repeat = args.repeat or (1 if args.smoke else 3)
+    builtin = (not args.smoke) if args.builtin is None else args.builtin
+    config = {**sizes, "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
+              "builtin": builtin}
+    out = args.out.resolve()
+    plot = (args.plot or out.parent / "benchmarks" / "plot.png").resolve()
+    started = time.time()
+    results: dict = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config, "machine": machine_info(), "load_before": loadavg(),
+        "work_dir": str(work), "errors": [],
+    }
+    log(f"work dir {work}; sizes {sizes}; repeat {repeat}")
+    stacks: list[Stack] = []
+    stack: Stack | None = None
+
+    def attempt(item: str, fn) -> None:
+        if item not in args.only:
+            return
+        if item != "bringup" and stack is None:
+            results["errors"].append(f"{item}: not measured, no stack is up")
+            return
+        t = time.monotonic()
+        try:
+            results[item] = fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failed item must not hide the others
+            tail = "".join(traceback.format_exception(exc)).strip().splitlines()[-6:]
+            results["errors"].append(f"{item}: {exc.__class__.__name__}: {str(exc)[:500]}")
+            log(f"{item} FAILED:\n" + "\n".join(tail))
+        log(f"{item} took {time.monotonic() - t:.0f} s")
+
+    try:
+        if "bringup" in args.only:
+            def do_bringup():
+                nonlocal stack
+                samples, stack = bringup.measure(work, repeat, stacks)
+                return samples
+
+            attempt("bringup", do_bringup)
+        else:
+            stack = Stack(work / "stack" / "home")
+            stacks.append(stack)
+            stack.up()
+            stack.require_ready()
+        if stack is not None and not stack.is_up:
+            stack = None
+        c = config
+        jobs = [
+            ("concurrency", lambda: concurrency.measure(
+                stack, work, repeat, c["concurrency_n"], c["concurrency_seconds"], c["cap"],
+                c["tag_deadline"])),
+            ("trigger", lambda: trigger_latency.measure(stack, work, repeat)),
+            ("overhead", lambda: overhead.measure(stack, work, repeat, c["overhead_n"], c["cap"])),
+            ("sierra", lambda: sierra_e2e.measure(
+                stack, work, repeat, c["sierra_experiments"], c["sierra_runs"],
+                c["sierra_duration"], c["cap"], builtin=builtin)),
+        ]
+        if args.smoke:
+            # Smoke figures are meaningless anyway: run the measurements at the same
+            # time, so the test suite pays for the slowest one, not for all of them.
+            # A real run measures one thing at a time.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                for future in [pool.submit(attempt, item, fn) for item, fn in jobs]:
+                    future.result()
+        else:
+            for item, fn in jobs:
+                attempt(item, fn)
+    finally:
+        for s in stacks:
+            try:
+                s.down()
+            except Exception as exc:  # noqa: BLE001
+                results["errors"].append(f"down {s.home}: {exc}")
+        results["load_after"] = loadavg()
+        results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        results["elapsed_seconds"] = time.time() - started
+
+    raw_dir = out.parent / "benchmarks" / "results"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
+    raw.write_text(json.dumps(results, indent=2, default=str))
+    rows = report.build_rows(results)
+    try:
+        report.write_plot(results, rows, plot)
+    except Exception as exc:  # noqa: BLE001 - the table is still worth writing
+        results["errors"].append(f"plot: {exc.__class__.__name__}: {exc}")
+        plot = None
+    notes = NOTES.read_text() if NOTES.is_file() and not args.smoke else None
+    report.write_markdown(results, rows, out, plot, notes)
+    log(f"wrote {out}, {plot}, {raw} in {results['elapsed_seconds'] / 60:.1f} min")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    for e in results["errors"]:
+        log(f"error: {e}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""5. A SIERRA batch end to end: stage 2 of one toysim batch, three execution environments.
+
+Stage 1 runs once (``sptest.toysim`` engine, ``sptest.toyproj`` project from
+``tests/sierra_engine``, E experiments x R runs, each run simulating D seconds of
+work); its output does not depend on the execution environment. Then, in every
+repeat and in rotating order, stage 2 runs on that same batch with:
+
+- ``ours``: ``--execenv prefectdeploy.local`` (our plugin: ``sierra-prefect check`` then
+  ``sierra-prefect run sierra/local``) against the warm stack;
+- ``hpc``: ``--execenv hpc.local`` (SIERRA's GNU parallel environment);
+- ``builtin``: ``--execenv prefectserver.local`` (SIERRA's own Prefect environment: it
+  starts ``prefect server start &`` on port 4200, sleeps 10 s, creates a pool, starts a
+  worker, deploys its flow, runs it and ends with ``killall prefect``).
+
+All three get ``--exec-jobs-per-node C``. The measured time is the wall time of the
+SIERRA process for stage 2 (what a user waits for); every output file must exist
+afterwards (they are deleted before each run), and each run's ``run.csv`` gives the
+span of the runs and the most that ran at once.
+
+The built-in environment runs in its own ``PREFECT_HOME`` (its database created
+beforehand with ``prefect server database upgrade``, as for anyone who has used
+Prefect before; not timed), with a ``PATH`` whose first entry holds a ``killall``
+that only logs its arguments. Preferably it runs in a private network namespace
+(``unshare --net``, loopback only), so its fixed port 4200 can never collide with
+anything else on the machine; without one it runs only if 127.0.0.1:4200 is free and
+is skipped otherwise. The processes it leaves running (its server and worker) are
+found by pid, as descendants of the SIERRA process (watched while it runs) or members
+of its session, and stopped by pid with their start times checked: nothing by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    BIN,
+    PROJECT,
+    Stack,
+    TreeWatcher,
+    clean_env,
+    log,
+    max_at_once,
+    run_cmd,
+    stop_processes,
+    wait_server_quiet,
+)
+
+VARIANTS = ("ours", "hpc", "builtin")
+EXECENV = {"ours": "prefectdeploy.local", "hpc": "hpc.local", "builtin": "prefectserver.local"}
+BUILTIN_PORT = 4200
+
+KILLALL = """#!/bin/sh
+# Stands in for killall during the benchmark: logs, kills nothing.
+echo "$(date +%s.%N) killall $*" >> "${BENCH_KILLALL_LOG:-/dev/null}"
+exit 0
+"""
+
+
+def _support():
+    """tests/sierra_support.py: how the test suite drives SIERRA (imported lazily)."""
+    import sys
+
+    if str(PROJECT) not in sys.path:
+        sys.path.insert(0, str(PROJECT))
+    from tests import sierra_support
+
+    return sierra_support
+
+
+def netns_available() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    try:
+        result = subprocess.run(
+            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up"],
+            capture_output=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def measure(stack: Stack, work: Path, repeats: int, n_experiments: int, n_runs: int,
+            duration: float, cap: int, builtin: bool = True, timeout: float = 600) -> dict:
+    ss = _support()
+    root = work / "sierra" / "sierra-root"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    common = ["--exec-jobs-per-node", str(cap)]
+
+    # Stage 1, once: the batch the three environments run.
+    stage1 = ss.run_sierra(
+        root, execenv="hpc.local", n_runs=n_runs, n_experiments=n_experiments, stages=(1,),
+        extra_args=[*common, "--toysim-duration", str(duration)],
+        env=ss.sierra_env(base=clean_env()), log_path=work / "sierra" / "stage1.log",
+        timeout=timeout,
+    )
+    if stage1.returncode != 0:
+        raise RuntimeError(f"SIERRA stage 1 failed (see {stage1.log_path}): {ss.log_tail(stage1, 15)}")
+    batch = ss.find_batch_root(root)
+    outputs = ss.expected_outputs(batch)
+    run_csvs = [p.with_name("run.csv") for p in outputs]
+    log(f"SIERRA stage 1: {len(outputs)} runs in {stage1.elapsed:.1f} s")
+
+    mode, why = "skipped", "not requested (the default with --smoke; --builtin runs it)"
+    if builtin:
+        if netns_available():
+            mode, why = "netns", "own network namespace (loopback only)"
+        elif port_free(BUILTIN_PORT):
+            mode, why = "host", f"host network, 127.0.0.1:{BUILTIN_PORT} was free"
+        else:
+            mode, why = "skipped", (f"127.0.0.1:{BUILTIN_PORT} is taken by another program "
+                                    "and no network namespace is available")
+    builtin_env = _prepare_builtin(work / "sierra" / "builtin", ss) if mode != "skipped" else None
+
+    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        for variant in order:
+            if variant == "builtin" and mode == "skipped":
+                samples[variant].append({"ok": False, "skipped": why, "wall": None})
+                continue
+            if variant == "builtin" and mode == "host" and not port_free(BUILTIN_PORT):
+                samples[variant].append({"ok": False, "wall": None, "skipped":
+                                         f"127.0.0.1:{BUILTIN_PORT} became taken"})
+                continue
+            for path in (*outputs, *run_csvs):
+                path.unlink(missing_ok=True)
+            argv = ss.sierra_argv(root, execenv=EXECENV[variant], n_runs=n_runs,
+                                  n_experiments=n_experiments, stages=(2,), extra_args=common)
+            if variant == "ours":
+                env = ss.sierra_env(base=stack.env)
+            elif variant == "hpc":
+                env = ss.sierra_env(base=clean_env())
+            else:
+                env = builtin_env
+                if mode == "netns":
+                    argv = ["unshare", "--net", "--", "sh", "-c",
+                            'ip link set lo up && exec "$@"', "sh", *argv]
+            log_path = work / "sierra" / f"stage2-{r}-{variant}.log"
+            wait_server_quiet(stack)
+            sample = _stage2(argv, env, root.parent, log_path, timeout,
+                             watch=(variant == "builtin"))
+            missing = [p for p in outputs if not p.is_file()]
+            sample["missing_outputs"] = len(missing)
+            sample["ok"] = sample["exit_code"] == 0 and not missing
+            intervals = _run_intervals(run_csvs)
+            if intervals:
+                sample["runs_span"] = max(e for _, e in intervals) - min(s for s, _ in intervals)
+                sample["runs_max_at_once"] = max_at_once(intervals)
+            samples[variant].append(sample)
+            log(f"SIERRA {r + 1}/{repeats} {EXECENV[variant]}: stage 2 {sample['wall']:.2f} s, "
+                f"ok {sample['ok']} ({len(missing)} outputs missing)"
+                + (f", stopped {len(sample.get('stopped', []))} leftover processes"
+                   if variant == "builtin" else ""))
+    return {
+        "n_experiments": n_experiments, "n_runs": n_runs, "duration": duration, "cap": cap,
+        "stage1_seconds": stage1.elapsed, "builtin_mode": mode, "builtin_why": why,
+        "variants": samples,
+    }
+
+
+def _prepare_builtin(base: Path, ss) -> dict:
+    """PREFECT_HOME with a migrated database, a logging ``killall`` first on PATH."""
+    fake_bin = base / "bin"
+    fake_bin.mkdir(parents=True, exist_ok=True)
+    killall = fake_bin / "killall"
+    killall.write_text(KILLALL)
+    killall.chmod(0o755)
+    env = ss.sierra_env(base=clean_env())
+    env.update(
+        PREFECT_HOME=str(base / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        BENCH_KILLALL_LOG=str(base / "killall.log"),
+    )
+    env["PATH"] = os.pathsep.join([str(fake_bin), env["PATH"]])
+    run_cmd([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env, timeout=300,
+            what="prefect server database upgrade")
+    return env
+
+
+def _stage2(argv: list[str], env: dict, cwd: Path, log_path: Path, timeout: float,
+            watch: bool) -> dict:
+    """Run one SIERRA stage 2; with ``watch``, stop (by pid) whatever it leaves running.
+
+    Whatever happens (a timeout, Ctrl-C), the SIERRA process and the processes of its
+    session are stopped before this returns or raises: nothing it started outlives it.
+    """
+    sample: dict = {"wall": None, "exit_code": None, "log": str(log_path)}
+    with open(log_path, "w") as out:
+        out.write("$ " + " ".join(argv) + "\n")
+        out.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    watcher = TreeWatcher(proc.pid)
+    finished = False
+    try:
+        if watch:
+            watcher.__enter__()
+        try:
+            sample["exit_code"] = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            sample["error"] = f"SIERRA stage 2 did not finish within {timeout:.0f} s"
+        sample["wall"] = time.perf_counter() - start
+        finished = True
+    finally:
+        if watch:
+            watcher.__exit__(None, None, None)
+        if proc.poll() is None:  # timed out or interrupted: SIERRA itself goes too
+            found = watcher.leftovers()
+            proc.kill()
+            proc.wait()
+            stop_processes(found)
+        if watch or not finished:
+            leftovers = watcher.leftovers()
+            sample["leftovers"] = [f"{f.pid}: {f.cmdline}" for f in leftovers]
+            sample["stopped"] = stop_processes(leftovers)
+    return sample
+
+
+def _run_intervals(run_csvs: list[Path]) -> list[tuple[float, float]]:
+    intervals = []
+    for path in run_csvs:
+        try:
+            with open(path, newline="") as f:
+                row = next(csv.DictReader(f))
+            intervals.append((float(row["start"]), float(row["end"])))
+        except (OSError, StopIteration, KeyError, ValueError):
+            continue
+    return intervals
