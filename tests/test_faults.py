@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -49,6 +50,14 @@ def done_outputs(outputs: Path) -> set[str]:
     return {p.stem for p in outputs.glob("*.txt")}
 
 
+def marked_done(scratch: Path) -> set[str]:
+    names = set()
+    for marker in (scratch / "sierra-prefect" / "runs").glob("*/done.json"):
+        found = re.search(r"executions/(r\d+);", json.loads(marker.read_text())["command"])
+        names.add(found.group(1))
+    return names
+
+
 def executions(tmp_path: Path) -> dict[str, int]:
     return {f.name: len(f.read_text().split()) for f in (tmp_path / "executions").iterdir()}
 
@@ -63,7 +72,9 @@ def test_worker_killed_mid_batch_is_crashed_and_resume_completes(fresh_stack, tm
     group = os.getpgid(worker)
     assert group == worker, "the shim starts each worker as its own group leader"
     os.killpg(group, signal.SIGKILL)
-    finished_before = done_outputs(outputs)
+    # Succeeded = has its success marker (an output written just as the flow-run process
+    # died, before its marker, rightly counts as not done and runs again).
+    finished_before = marked_done(scratch)
 
     # The server marks the silent flow run Crashed (heartbeats), and `run` says so.
     assert follower.wait(timeout=240) != 0

@@ -669,7 +669,7 @@ def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
     workers = [start_stock_worker(stack, f"extra-worker-{i}", tmp_path / f"host{i}") for i in range(2)]
     try:
         for i in range(2):
-            wait_until(lambda: online(stack, f"extra-worker-{i}"), 90, f"extra-worker-{i} online")
+            wait_until(lambda: online(stack, f"extra-worker-{i}"), 240, f"extra-worker-{i} online")
         who = tmp_path / "who"
         who.mkdir()
         commands = [f"sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
