@@ -233,6 +233,78 @@ def test_ten_batches_triggered_at_once(pg_stack, postgres, tmp_path):
     ) == str(clients)
 
 
+# -- 2b: one batch over several workers (--spread), on PostgreSQL ---------------------------
+
+
+SPREAD_RUNS, SPREAD_CAP = 24, 2
+
+
+def start_stock_worker(stack, name: str, home: Path) -> subprocess.Popen:
+    home.mkdir(parents=True)
+    env = {k: v for k, v in stack.client_env.items() if not k.startswith("SIERRA_PREFECT_")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # activated venv
+        PREFECT_HOME=str(home / "prefect"),
+        PREFECT_WORKER_QUERY_SECONDS="1",
+    )
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "sierra-pool",
+         "--name", name],
+        cwd=home, env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # our own worker's group, by pid
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def online(stack, name: str) -> bool:
+    pools = stack.status()["pools"]  # empty while the server does not answer in time
+    return name in pools.get("sierra-pool", {}).get("workers_online", [])
+
+
+def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
+    """`run --spread 3` on the PostgreSQL server, with two more workers started the stock way
+    (separate processes, names and working directories, an activated venv)."""
+    stack = pg_stack[0]
+    workers = [start_stock_worker(stack, f"extra-worker-{i}", tmp_path / f"host{i}") for i in range(2)]
+    try:
+        for i, worker in enumerate(workers):
+            log = tmp_path / f"host{i}" / "worker.log"
+            wait_until(lambda: online(stack, f"extra-worker-{i}") or worker.poll() is not None, 240,
+                       f"extra-worker-{i} online")
+            assert worker.poll() is None, f"extra-worker-{i} exited:\n{log.read_text()[-3000:]}"
+        who = tmp_path / "who"
+        who.mkdir()
+        commands = [f"sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
+        batch, scratch = make_batch(tmp_path, commands)
+        result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
+                           str(scratch), "--spread", "3", "--max-parallel", str(SPREAD_CAP), "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        summary = json.loads(result.stdout)
+        assert (summary["total"], summary["succeeded"], summary["failed"]) == (SPREAD_RUNS, SPREAD_RUNS, 0)
+
+        executions = {f.name: f.read_text().split() for f in who.iterdir()}
+        assert sorted(executions) == sorted(f"r{i}" for i in range(SPREAD_RUNS))
+        assert all(len(ran_on) == 1 for ran_on in executions.values()), "each run exactly once"
+        per_worker = Counter(ran_on[0] for ran_on in executions.values())
+        assert per_worker == Counter(summary["workers"])
+        assert len(per_worker) >= 2, f"only one worker took a share: {per_worker}"
+        print(f"\nspread over workers: {dict(per_worker)}")
+    finally:
+        for worker in workers:
+            stop(worker)
+
+
+# Brings pg_stack down: keep it after every other test that uses pg_stack (pytest runs a
+# module's tests in file order, xdist's loadfile included).
 def test_postgres_stack_comes_down(pg_stack, postgres):
     stack, _ = pg_stack
     before = stack.status()
@@ -623,70 +695,3 @@ def test_full_scratch_is_one_clear_line(confined, allowed_tmp, tmpfs):
     assert earlier.read_text() == "t,x\n0,1\n"
     assert kept.read_text() == "an earlier run's log\n"
     assert not ran.exists()
-
-
-# -- one batch over several workers (--spread), on PostgreSQL ---------------------------
-
-
-SPREAD_RUNS, SPREAD_CAP = 24, 2
-
-
-def start_stock_worker(stack, name: str, home: Path) -> subprocess.Popen:
-    home.mkdir(parents=True)
-    env = {k: v for k, v in stack.client_env.items() if not k.startswith("SIERRA_PREFECT_")}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # activated venv
-        PREFECT_HOME=str(home / "prefect"),
-        PREFECT_WORKER_QUERY_SECONDS="1",
-    )
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "sierra-pool",
-         "--name", name],
-        cwd=home, env=env, stdout=open(home / "worker.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # our own worker's group, by pid
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def online(stack, name: str) -> bool:
-    pools = stack.status()["pools"]  # empty while the server does not answer in time
-    return name in pools.get("sierra-pool", {}).get("workers_online", [])
-
-
-def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
-    """`run --spread 3` on the PostgreSQL server, with two more workers started the stock way
-    (separate processes, names and working directories, an activated venv)."""
-    stack = pg_stack[0]
-    workers = [start_stock_worker(stack, f"extra-worker-{i}", tmp_path / f"host{i}") for i in range(2)]
-    try:
-        for i in range(2):
-            wait_until(lambda: online(stack, f"extra-worker-{i}"), 240, f"extra-worker-{i} online")
-        who = tmp_path / "who"
-        who.mkdir()
-        commands = [f"sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
-        batch, scratch = make_batch(tmp_path, commands)
-        result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
-                           str(scratch), "--spread", "3", "--max-parallel", str(SPREAD_CAP), "--json")
-        assert result.returncode == 0, result.stdout + result.stderr
-        summary = json.loads(result.stdout)
-        assert (summary["total"], summary["succeeded"], summary["failed"]) == (SPREAD_RUNS, SPREAD_RUNS, 0)
-
-        executions = {f.name: f.read_text().split() for f in who.iterdir()}
-        assert sorted(executions) == sorted(f"r{i}" for i in range(SPREAD_RUNS))
-        assert all(len(ran_on) == 1 for ran_on in executions.values()), "each run exactly once"
-        per_worker = Counter(ran_on[0] for ran_on in executions.values())
-        assert per_worker == Counter(summary["workers"])
-        assert len(per_worker) >= 2, f"only one worker took a share: {per_worker}"
-        print(f"\nspread over workers: {dict(per_worker)}")
-    finally:
-        for worker in workers:
-            stop(worker)
