@@ -27,6 +27,7 @@ from sierra_prefect.connection import Connection
 
 POLL_SECONDS = 0.5
 CANCEL_DEADLINE_SECONDS = 60.0
+CRASHED_GRACE_SECONDS = 15.0
 # How long `run` keeps following while the server does not answer (e.g. a restart).
 OUTAGE_DEADLINE_SECONDS = 300.0
 
@@ -308,9 +309,16 @@ def cancel(client, flow_run_id: UUID):
 
     client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
     deadline = time.monotonic() + CANCEL_DEADLINE_SECONDS
+    crashed_at = None
     while time.monotonic() < deadline:
         state = client.read_flow_run(flow_run_id).state
-        if state and state.is_final():
+        # The engine, signalled, reports Crashed first; the worker then records Cancelled
+        # (~2 s later). Completed or Failed mean the flow run ended before the cancel.
+        if state and state.is_final() and not state.is_crashed():
             return state
+        if state and state.is_crashed():
+            crashed_at = crashed_at or time.monotonic()
+            if time.monotonic() - crashed_at > CRASHED_GRACE_SECONDS:
+                return state  # no worker left to record the cancel
         time.sleep(POLL_SECONDS)
     return client.read_flow_run(flow_run_id).state
