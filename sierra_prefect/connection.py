@@ -80,3 +80,13 @@ class Connection:
                 "PREFECT_API_AUTH_STRING (or SIERRA_PREFECT_AUTH_STRING) to its auth string"
             )
         return response.json() if response.status_code == 200 else None
+
+    def has_deployment(self, name: str) -> bool:
+        """Whether deployment ``flow/name`` exists: one plain GET, so a warm ``up`` need
+        not import Prefect (about 2 s here). False also when the server does not say."""
+        try:
+            response = httpx.get(f"{self.api_url}/deployments/name/{name}",
+                                 headers=self._headers(), timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

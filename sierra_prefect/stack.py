@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sierra_prefect import automations, deployments, pools
+from sierra_prefect import automations, deployments, pools, warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord
@@ -101,18 +101,59 @@ class Stack:
         specs = pools.WorkPoolSpec.load_all(project / "workpools")
         with locked(self.settings.home):
             self.state = StackState.load(self.settings.state_file)
+            warm = self._already_up(project, docker)
+            if warm is not None:
+                return warm
             api_url = self._ensure_server()
             connection = Connection(api_url, self.settings.auth_secret())
             connection.server_version()  # fails clearly on wrong credentials
             with connection.client() as client:
                 for change in pools.apply(client, specs) + automations.apply(client):
                     self.say(change)
-                self._ensure_deployed(client, api_url, project)
+                redeployed = self._ensure_deployed(client, api_url, project)
+                engine = self._ensure_warm_engine(api_url, project, restart=redeployed)
                 self._ensure_worker(client, api_url, "process")
+                self._wait_for_warm_engine(engine)
                 if docker:
                     self._ensure_image(project)
                     self._ensure_worker(client, api_url, "docker")
             self.state.save(self.settings.state_file)
+        return connection
+
+    def _already_up(self, project: Path, docker: bool) -> Connection | None:
+        """The warm path: everything this ``up`` would start runs, healthy and current.
+
+        Checked from the state file and plain HTTP only, without importing Prefect, so a
+        second ``up`` answers in well under a second. Anything missing: None, full path."""
+        api_url = self.api_url()
+        server = self.state.server
+        if not api_url or api_url != self.state.api_url:
+            return None
+        if not self.external and not (server and server.is_running()):
+            return None
+        workers = {w.role for w in self.state.workers if w.is_running()}
+        if "worker:process" not in workers or (docker and "worker:docker" not in workers):
+            return None
+        engine = self.state.warm_engine
+        if warm_engine.socket_path(self.settings.home) and not (engine and engine.is_running()):
+            return None
+        if self.state.deployed_digest != deployments.digest(project):
+            return None  # prefect.yaml, flows/ or workpools/ changed since the last deploy
+        connection = Connection(api_url, self.settings.auth_secret())
+        if not connection.is_healthy() or connection.server_version() is None:
+            return None  # server_version raises on wrong credentials, as the full path does
+        if not all(connection.has_deployment(name) for name in deployments.declared(project)):
+            return None
+        if docker:
+            from sierra_prefect import docker as images
+
+            if not images.image_is_current(images.DEFAULT_TAG, project):
+                return None
+        pids = ", ".join(str(w.pid) for w in self.state.workers if w.is_running())
+        where = "" if self.external else f", server pid {server.pid}"
+        if engine:
+            where += f", warm engine pid {engine.pid}"
+        self.say(f"already up at {api_url}{where}, worker pid {pids}; deployments current")
         return connection
 
     def _ensure_server(self) -> str:
@@ -179,13 +220,13 @@ class Stack:
             )
         return port
 
-    def _ensure_deployed(self, client, api_url: str, project) -> None:
+    def _ensure_deployed(self, client, api_url: str, project) -> bool:
         names = deployments.declared(project)
         current = deployments.digest(project)
         absent = deployments.missing(client, names)
         if not absent and self.state.deployed_digest == current:
             self.say(f"deployments up to date: {', '.join(names)}")
-            return
+            return False
         self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
         deployments.deploy_all(
             project, prefect_env(api_url, self.settings, **self.settings.client_env()),
@@ -196,6 +237,45 @@ class Stack:
             raise ShimError(f"deployments {', '.join(still)} missing after deploy: see "
                             f"{self.settings.logs_dir / 'deploy.log'}")
         self.state.deployed_digest = current
+        return True
+
+    def _ensure_warm_engine(self, api_url: str, project: Path, restart: bool) -> ProcessRecord | None:
+        """Start the warm engine the process worker's flow runs fork from, unless it runs
+        and the flow code is unchanged (it holds flows/ imported)."""
+        path = warm_engine.socket_path(self.settings.home)
+        if path is None:
+            self.say(f"no warm engine: {self.settings.home} is too long a path for a Unix "
+                     "socket; flow runs start cold (~2 s more each)")
+            return None
+        running = self.state.warm_engine
+        if running and running.is_running():
+            if not restart:
+                self.say(f"warm engine already running (pid {running.pid})")
+                return running
+            self.say(f"flow code changed: restarting the warm engine (pid {running.pid})")
+            running.stop()
+        env = prefect_env(api_url, self.settings, **self.settings.client_env())
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        record = ProcessRecord.spawn(
+            "warm-engine", [sys.executable, "-m", "sierra_prefect.warm_engine", "serve", str(path)],
+            env, self.settings.logs_dir / "warm-engine.log", project,
+        )
+        self.state.warm_engine = record
+        self.state.save(self.settings.state_file)
+        self.say(f"starting warm engine (pid {record.pid})")
+        return record
+
+    def _wait_for_warm_engine(self, record: ProcessRecord | None) -> None:
+        """It imports Prefect while the worker starts; flow runs before it is ready just
+        start cold, so a failure here is a warning, never a failed ``up``."""
+        if record is None:
+            return
+        path = warm_engine.socket_path(self.settings.home)
+        try:
+            _wait_for(lambda: warm_engine.is_listening(path), self.settings.worker_start_timeout,
+                      record, "warm engine")
+        except ShimError as exc:
+            self.say(f"warning: {exc}; flow runs start cold")
 
     def _ensure_image(self, project) -> None:
         from sierra_prefect import docker
@@ -220,8 +300,12 @@ class Stack:
                 "--pool", pool, "--type", kind, "--name", name]
         env = prefect_env(api_url, self.settings, **self.settings.client_env(),
                           PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
-        # Flow runs start `python -m prefect.engine` (workpools/): make it this venv's.
+        # Flow runs start `python -m sierra_prefect.warm_engine` (workpools/): this venv's,
+        # and it forks them from our warm engine when there is one.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        socket_path = warm_engine.socket_path(self.settings.home)
+        if kind == "process" and socket_path is not None:
+            env[warm_engine.SOCKET_ENV] = str(socket_path)
         record = ProcessRecord.spawn(
             f"worker:{kind}", argv, env,
             self.settings.logs_dir / f"worker-{kind}.log", self.settings.home,
@@ -239,7 +323,9 @@ class Stack:
         lines = []
         with locked(self.settings.home):
             self.state = StackState.load(self.settings.state_file)
-            records = [*self.state.workers, *([self.state.server] if self.state.server else [])]
+            records = [*self.state.workers,
+                       *([self.state.warm_engine] if self.state.warm_engine else []),
+                       *([self.state.server] if self.state.server else [])]
             for record in records:
                 if record.stop():
                     lines.append(f"stopped {record.role} (pid {record.pid})")
@@ -248,7 +334,7 @@ class Stack:
                         f"{record.role} pid {record.pid} was already gone (or is now "
                         "another program's): left alone"
                     )
-            self.state.workers, self.state.server = [], None
+            self.state.workers, self.state.warm_engine, self.state.server = [], None, None
             if not self.external:
                 self.state.api_url, self.state.port = None, None
                 self.state.host, self.state.database = None, None

@@ -30,6 +30,8 @@ class StackState(BaseModel):
     database: str | None = None
     server: ProcessRecord | None = None
     workers: list[ProcessRecord] = []
+    # Forks flow-run engines for the process worker (sierra_prefect/warm_engine.py).
+    warm_engine: ProcessRecord | None = None
     # Hash of prefect.yaml + flows/ + workpools/ at the last successful deploy.
     deployed_digest: str | None = None
 
@@ -37,6 +39,8 @@ class StackState(BaseModel):
         return {
             "server": self.server.pid if self.server and self.server.is_running() else None,
             "workers": [w.pid for w in self.workers if w.is_running()],
+            "warm_engine": (self.warm_engine.pid if self.warm_engine and self.warm_engine.is_running()
+                            else None),
         }
 
     @classmethod

@@ -315,7 +315,7 @@ def test_postgres_stack_comes_down(pg_stack, postgres):
     assert f"stopped server (pid {before['pids']['server']})" in down.stdout
     assert all(process_gone(pid) for pid in pids)
     after = stack.cli("status", "--json")
-    assert json.loads(after.stdout)["pids"] == {"server": None, "workers": []}
+    assert json.loads(after.stdout)["pids"] == {"server": None, "workers": [], "warm_engine": None}
     # The data stays in PostgreSQL, which is still up (only our stack went down).
     assert postgres.psql("SELECT count(*) FROM flow_run") == flow_runs
 
@@ -425,7 +425,7 @@ def test_exposing_the_server_without_an_auth_string_is_refused(tmp_path):
     # Nothing was started: no server log, no recorded process, nothing running in the home.
     assert not (home / "logs" / "server.log").exists()
     status = json.loads(sierra_prefect("status", "--json", env=env).stdout)
-    assert status["pids"] == {"server": None, "workers": []} and status["api_url"] is None
+    assert status["pids"] == {"server": None, "workers": [], "warm_engine": None} and status["api_url"] is None
     ours = []
     for proc in psutil.process_iter(["pid", "cwd"]):
         cwd = proc.info.get("cwd")

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import base_env, make_batch, max_overlap, sierra_prefect, timed_command, wait_until
+from tests.conftest import CLI, base_env, make_batch, max_overlap, sierra_prefect, timed_command, wait_until
 
 
 def test_status_reports_versions_pids_pools_and_deployments(stack):
@@ -25,6 +25,56 @@ def test_status_reports_versions_pids_pools_and_deployments(stack):
     assert {"sierra/local", "sierra/dockerremote"} <= set(status["deployments"])
     assert status["pools"]["sierra-pool"]["type"] == "process"
     assert status["pools"]["sierra-pool"]["workers_online"]
+
+
+def _engine_pids(home: Path, flow_run_id: str) -> list[int]:
+    log = home / "logs" / "warm-engine.log"
+    prefix = f"flow run {flow_run_id}: engine pid "
+    return [int(line.removeprefix(prefix)) for line in log.read_text().splitlines()
+            if line.startswith(prefix)]
+
+
+def test_flow_runs_fork_from_the_warm_engine(stack, tmp_path):
+    """The process worker's flow runs are Prefect's engine forked from the warm engine
+    (sierra_prefect/warm_engine.py), not a Python started cold; the exit code comes back."""
+    warm = stack.status()["pids"]["warm_engine"]
+    assert warm and psutil.pid_exists(warm)
+    seen = tmp_path / "engine.pid"
+    # setpriv execs the run's bash, so its parent is the flow-run process: the engine.
+    batch, scratch = make_batch(tmp_path, [f"echo $PPID > {seen}"])
+    result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
+                       str(scratch), "--json")
+    assert result.returncode == 0, result.stderr
+    flow_run_id = json.loads(result.stdout)["flow_run_id"]
+    assert _engine_pids(stack.home, flow_run_id) == [int(seen.read_text())]
+    wait_until(lambda: f"engine pid {seen.read_text().strip()} exited 0" in
+               (stack.home / "logs" / "warm-engine.log").read_text(), 30, "the engine's exit 0")
+
+
+def test_ctrl_c_cancels_the_flow_run_and_ends_its_runs(stack, tmp_path):
+    """Ctrl-C on `run`: the shim cancels the flow run, the worker signals its process (the
+    warm engine's client relays it to the engine), and the running command ends."""
+    pid_file = tmp_path / "run.pid"
+    batch, scratch = make_batch(tmp_path, [f"echo $$ > {pid_file}; exec sleep 300"])
+    proc = subprocess.Popen(
+        [CLI, "run", "sierra/local", "--input-root", str(batch),
+         "--scratch-root", str(scratch), "--json"],
+        env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 180, "the run to start")
+        run_pid = int(pid_file.read_text())
+        os.killpg(proc.pid, signal.SIGINT)  # our own CLI's group: Ctrl-C
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert json.loads(out)["state"] == "CANCELLED", err
+    wait_until(lambda: not psutil.pid_exists(run_pid) or psutil.Process(run_pid).status() == "zombie",
+               60, "the cancelled run's process to end")
 
 
 def test_cap_holds_exactly_through_the_deployment(stack, tmp_path):
@@ -182,7 +232,8 @@ def test_lifecycle_restart_worker_down_and_stale_state(fresh_stack, tmp_path):
 
     down = fresh_stack.cli("down", check=True)
     assert f"stopped server (pid {after['server']})" in down.stdout
-    for pid in [after["server"], *after["workers"]]:
+    assert f"stopped warm-engine (pid {after['warm_engine']})" in down.stdout
+    for pid in [after["server"], *after["workers"], after["warm_engine"]]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     nothing = fresh_stack.cli("down")
     assert nothing.returncode == 0 and "nothing running" in nothing.stdout

@@ -1,0 +1,255 @@
+"""A warm start for flow runs: Prefect's own engine, forked from a process that already
+imported it.
+
+The process pool starts every flow run as a fresh ``python -m prefect.engine``, and
+importing Prefect costs about 2 s of CPU here: most of the time from "picked up by the
+worker" to "first experimental run starts" (see benchmarks/NOTES.md). So
+``sierra-prefect up`` also starts a *warm engine* next to its process worker: one
+single-threaded process that imports Prefect and ``flows/`` once, then listens on a Unix
+socket in ``SIERRA_PREFECT_HOME`` (mode 0600, peers must be the same uid).
+
+The pool's job command (``workpools/sierra-pool.yaml``) is this module as a thin client::
+
+    python -m sierra_prefect.warm_engine          # what the worker starts per flow run
+
+It hands the flow run's environment, working directory and stdin/stdout/stderr to the
+warm engine, which forks a child that runs ``prefect.engine`` as ``__main__``, exactly as
+``python -m prefect.engine`` would, with that environment. The client forwards the
+signals it gets (the worker's cancel) to the child, and exits with the child's exit code;
+if the client dies, the child is killed. With no warm engine to reach (a stock worker on
+another host, where ``SIERRA_PREFECT_WARM_ENGINE`` is unset), the client becomes
+``python -m prefect.engine`` itself: the same flow run, started cold.
+
+The server side (started by ``sierra-prefect up``, role ``warm-engine``)::
+
+    python -m sierra_prefect.warm_engine serve SOCKET
+
+Only the standard library is imported at module level: the client must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import traceback
+from pathlib import Path
+
+# The worker's environment names the socket; flow-run processes inherit it.
+SOCKET_ENV = "SIERRA_PREFECT_WARM_ENGINE"
+# Unix socket paths are limited to 108 bytes; past that there is no warm engine.
+MAX_SOCKET_PATH = 100
+_HEADER = struct.Struct("!Q")
+_STDIO = 3
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def socket_path(home: Path) -> Path | None:
+    path = home / "warm-engine.sock"
+    return path if len(str(path)) <= MAX_SOCKET_PATH else None
+
+
+def is_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+# -- the client: the pool's job command --------------------------------------------------
+
+
+def _engine_cold() -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+
+
+def _connect() -> socket.socket | None:
+    path = os.environ.get(SOCKET_ENV)
+    if not path:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:  # not running (down, or never started): start cold
+        sock.close()
+        return None
+    return sock
+
+
+def _forward(sock: socket.socket, signum: int) -> None:
+    try:
+        sock.sendall(f"{signum}\n".encode())
+    except OSError:
+        pass  # the engine already ended
+
+
+def client() -> int:
+    sock = _connect()
+    if sock is None:
+        _engine_cold()
+    request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv[1:]}).encode()
+    socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
+    sock.sendall(request)
+    for signum in _FORWARDED:  # the worker cancels by signalling this process
+        signal.signal(signum, lambda signum, _frame: _forward(sock, signum))
+    reply = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        reply += chunk
+    try:
+        return int(json.loads(reply)["exit"])
+    except (ValueError, KeyError):
+        print("sierra-prefect warm engine went away before the flow run ended", file=sys.stderr)
+        return 1
+
+
+# -- the server: one per worker host, started by `sierra-prefect up` ----------------------
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("client closed the connection")
+        data += chunk
+    return data
+
+
+def _run_engine(request: dict, stdio: list[int]) -> None:
+    """In the forked child: become ``python -m prefect.engine`` for this flow run."""
+    code = 1
+    try:
+        for fd, target in zip(stdio, range(_STDIO)):
+            os.dup2(fd, target)
+            os.close(fd)
+        for signum in _FORWARDED:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["prefect.engine", *request["argv"]]
+
+        import runpy
+
+        import prefect.context
+
+        # Settings as this flow run's environment says, not as the parent's. (Logging keeps
+        # the parent's configuration: the worker's, which the job's environment shares.)
+        prefect.context.refresh_global_settings_context()
+        sys.modules.pop("prefect.engine", None)  # run as __main__ afresh, as `python -m` does
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        import atexit
+
+        atexit._run_exitfuncs()  # what interpreter exit does: flush Prefect's logs and events
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _session(conn: socket.socket) -> None:
+    """In a forked child per flow run: fork the engine, relay signals in and the exit out."""
+    # Its own process group: restarting or stopping the warm engine (a group kill) leaves
+    # flow runs in flight alone; they end with their client, i.e. with their worker.
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    header, stdio, _flags, _addr = socket.recv_fds(conn, _HEADER.size, _STDIO)
+    if len(header) != _HEADER.size or len(stdio) != _STDIO:
+        return
+    request = json.loads(_recv_exactly(conn, _HEADER.unpack(header)[0]))
+    engine = os.fork()
+    if engine == 0:
+        conn.close()
+        _run_engine(request, stdio)
+    for fd in stdio:
+        os.close(fd)
+    print(f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}: engine pid {engine}", flush=True)
+    exited = os.pidfd_open(engine)
+    watched = [conn, exited]
+    while True:
+        ready, _, _ = select.select(watched, [], [])
+        if exited in ready:
+            _, status = os.waitpid(engine, 0)
+            code = os.waitstatus_to_exitcode(status)
+            print(f"engine pid {engine} exited {code}", flush=True)
+            try:
+                conn.sendall(json.dumps({"exit": code}).encode())
+            except OSError:
+                pass  # the client is gone
+            return
+        data = conn.recv(1024)
+        if not data:  # the client died (e.g. its worker was killed): the flow run goes too
+            print(f"client of engine pid {engine} went away: killing it", flush=True)
+            os.kill(engine, signal.SIGKILL)
+            watched = [exited]
+            continue
+        for line in data.decode().split():
+            os.kill(engine, int(line))
+
+
+def serve(path: Path) -> None:
+    """Import Prefect and the flow once, then fork a session per client, forever."""
+    import prefect.engine  # noqa: F401  what every flow run would import
+    import prefect.flow_engine  # noqa: F401
+    import flows.sierra_batch  # noqa: F401  the flow and its helpers (cwd: the project)
+
+    import threading
+
+    if threading.active_count() != 1:  # fork() only copies the calling thread
+        raise SystemExit(f"warm engine: {threading.active_count()} threads after import; cannot fork safely")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sessions are reaped by the kernel
+    if path.exists() or path.is_symlink():
+        path.unlink()  # a stale socket of ours (up holds the home's lock while starting us)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    print(f"warm engine ready on {path} (pid {os.getpid()})", flush=True)
+    me = os.getuid()
+    while True:
+        conn, _ = listener.accept()
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[1] != me:
+            conn.close()  # only our own user's worker may start flow runs here
+            continue
+        if os.fork() == 0:
+            listener.close()
+            try:
+                _session(conn)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"] and len(argv) == 2:
+        serve(Path(argv[1]))
+        return 0
+    return client()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
