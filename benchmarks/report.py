@@ -189,6 +189,16 @@ def build_rows(results: dict) -> list[Row]:
     return [rows[k] for k in ROW_KEYS]
 
 
+def _item_loads(results: dict) -> str:
+    """1-minute load average at the start and end of each measurement (2 cores here)."""
+    loads = results.get("item_load") or {}
+    if not loads:
+        return ""
+    parts = [f"{item} {v['before'][0]:.1f}→{v['after'][0]:.1f} ({v['seconds']} s)"
+             for item, v in loads.items() if v.get("before") and v.get("after")]
+    return "; per measurement (1-min load, start→end, duration): " + ", ".join(parts)
+
+
 def _trigger_breakdown(results: dict) -> list[str]:
     from benchmarks.trigger_latency import PHASES
 
@@ -241,7 +251,8 @@ def write_markdown(results: dict, rows: list[Row], out: Path, plot: Path | None,
         f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu_model'] or 'unknown CPU'}, "
         f"{m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}",
         f"- software: Prefect {m['prefect']}, sierra-research {m['sierra_research']}, {m['gnu_parallel']}",
-        f"- load average (1/5/15 min) before: {results['load_before']}, after: {results['load_after']}",
+        f"- load average (1/5/15 min) before: {results['load_before']}, after: {results['load_after']}"
+        + _item_loads(results),
         f"- repeats: {cfg['repeat']}; every figure is the median over repeats (individual repeats in "
         "brackets); every ratio is ours / baseline, taken pair by pair within one repeat, then the median.",
         "- all on this one machine, in one run, on one warm stack (a temp `SIERRA_PREFECT_HOME`, "

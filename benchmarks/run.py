@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             results["errors"].append(f"{item}: not measured, no stack is up")
             return
         t = time.monotonic()
+        load_before = loadavg()
         try:
             results[item] = fn()
         except KeyboardInterrupt:
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             tail = "".join(traceback.format_exception(exc)).strip().splitlines()[-6:]
             results["errors"].append(f"{item}: {exc.__class__.__name__}: {str(exc)[:500]}")
             log(f"{item} FAILED:\n" + "\n".join(tail))
+        results.setdefault("item_load", {})[item] = {
+            "before": load_before, "after": loadavg(), "seconds": round(time.monotonic() - t)}
         log(f"{item} took {time.monotonic() - t:.0f} s")
 
     try:
