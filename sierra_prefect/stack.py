@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import importlib
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sierra_prefect import automations, deployments, pools, warm_engine
+from sierra_prefect import automations, deployments, pools, sqlite_template, warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord
@@ -44,6 +46,14 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Import ``module`` on another thread (Prefect's client: ~2 s of CPU) while this one
+    waits on something else; ``join()`` before using it."""
+    thread = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    thread.start()
+    return thread
 
 
 def _wait_for(condition, deadline: float, proc: ProcessRecord | None, what: str) -> None:
@@ -104,19 +114,26 @@ class Stack:
             warm = self._already_up(project, docker)
             if warm is not None:
                 return warm
+            # Steps overlap where they can (2 cores here): the client is imported while
+            # the server boots, and the warm engine and worker boot while we deploy.
+            client_import = _import_in_background("prefect.client.orchestration")
             api_url = self._ensure_server()
             connection = Connection(api_url, self.settings.auth_secret())
             connection.server_version()  # fails clearly on wrong credentials
+            client_import.join()
             with connection.client() as client:
                 for change in pools.apply(client, specs) + automations.apply(client):
                     self.say(change)
-                redeployed = self._ensure_deployed(client, api_url, project)
-                engine = self._ensure_warm_engine(api_url, project, restart=redeployed)
-                self._ensure_worker(client, api_url, "process")
+                deploy = self._deploy_needed(client, project)
+                engine = self._ensure_warm_engine(api_url, project, restart=deploy)
+                worker = self._ensure_worker(api_url, "process")
+                if deploy:
+                    self._deploy(client, api_url, project)
+                self._wait_for_worker(client, "process", worker)
                 self._wait_for_warm_engine(engine)
                 if docker:
                     self._ensure_image(project)
-                    self._ensure_worker(client, api_url, "docker")
+                    self._wait_for_worker(client, "docker", self._ensure_worker(api_url, "docker"))
             self.state.save(self.settings.state_file)
         return connection
 
@@ -177,6 +194,10 @@ class Stack:
         argv = [sys.executable, "-m", "prefect", "server", "start",
                 "--host", self.settings.host, "--port", str(port)]
         self.settings.prefect_home.mkdir(parents=True, exist_ok=True)
+        database = self.settings.prefect_home / "prefect.db"  # Prefect's default SQLite file
+        fresh = not (self.settings.database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+                     or database.exists())
+        seeded = fresh and sqlite_template.seed(database)
         record = ProcessRecord.spawn(
             "server", argv, prefect_env(None, self.settings, **self.settings.server_env()),
             self.settings.logs_dir / "server.log", self.settings.home,
@@ -186,9 +207,12 @@ class Stack:
         self.state.database = self.settings.public()["database_url"]
         self.state.deployed_digest = None
         self.state.save(self.settings.state_file)
-        self.say(f"starting Prefect server on {api_url} (pid {record.pid})")
+        seed = " from the cached empty database" if seeded else ""
+        self.say(f"starting Prefect server on {api_url}{seed} (pid {record.pid})")
         _wait_for(lambda: Connection(api_url).is_healthy(), self.settings.server_start_timeout,
                   record, "Prefect server")
+        if fresh and not seeded:
+            sqlite_template.save(database)  # the next fresh home skips the migrations
         return api_url
 
     def _require_same_server_settings(self) -> None:
@@ -220,13 +244,16 @@ class Stack:
             )
         return port
 
-    def _ensure_deployed(self, client, api_url: str, project) -> bool:
+    def _deploy_needed(self, client, project: Path) -> bool:
         names = deployments.declared(project)
-        current = deployments.digest(project)
-        absent = deployments.missing(client, names)
-        if not absent and self.state.deployed_digest == current:
+        if not deployments.missing(client, names) and self.state.deployed_digest == deployments.digest(project):
             self.say(f"deployments up to date: {', '.join(names)}")
             return False
+        return True
+
+    def _deploy(self, client, api_url: str, project: Path) -> None:
+        names = deployments.declared(project)
+        current = deployments.digest(project)
         self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
         deployments.deploy_all(
             project, prefect_env(api_url, self.settings, **self.settings.client_env()),
@@ -237,7 +264,6 @@ class Stack:
             raise ShimError(f"deployments {', '.join(still)} missing after deploy: see "
                             f"{self.settings.logs_dir / 'deploy.log'}")
         self.state.deployed_digest = current
-        return True
 
     def _ensure_warm_engine(self, api_url: str, project: Path, restart: bool) -> ProcessRecord | None:
         """Start the warm engine the process worker's flow runs fork from, unless it runs
@@ -287,13 +313,14 @@ class Stack:
         self.say(f"building image {docker.DEFAULT_TAG} (log: {log})")
         docker.build_image(project, docker.DEFAULT_TAG, self.settings.base_image, log)
 
-    def _ensure_worker(self, client, api_url: str, kind: str) -> None:
+    def _ensure_worker(self, api_url: str, kind: str) -> tuple[ProcessRecord, str] | None:
+        """Start a worker of ``kind`` unless ours runs; see ``_wait_for_worker``."""
         pool = WORKER_POOLS[kind]
         mine = [w for w in self.state.workers if w.role == f"worker:{kind}"]
         alive = [w for w in mine if w.is_running()]
         if alive:
             self.say(f"{kind} worker already running (pid {alive[0].pid})")
-            return
+            return None
         self.state.workers = [w for w in self.state.workers if w not in mine]
         name = self.worker_name(kind, len(self.state.workers))
         argv = [sys.executable, "-m", "prefect", "worker", "start",
@@ -313,8 +340,13 @@ class Stack:
         self.state.workers.append(record)
         self.state.save(self.settings.state_file)
         self.say(f"starting {kind} worker {name} on pool {pool} (pid {record.pid})")
-        _wait_for(lambda: _worker_online(client, pool, name),
-                  self.settings.worker_start_timeout, record, f"{kind} worker")
+        return record, name
+
+    def _wait_for_worker(self, client, kind: str, started: tuple[ProcessRecord, str] | None) -> None:
+        if started is not None:
+            record, name = started
+            _wait_for(lambda: _worker_online(client, WORKER_POOLS[kind], name),
+                      self.settings.worker_start_timeout, record, f"{kind} worker")
 
     # -- down ----------------------------------------------------------------------
 
