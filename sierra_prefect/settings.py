@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sierra_prefect import default_home
 from sierra_prefect.errors import ShimError
 
 DEFAULT_PORT = 4200
@@ -31,7 +32,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIERRA_PREFECT_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(
-        default_factory=lambda: Path.home() / ".sierra-prefect",
+        default_factory=default_home,
         description="Where the embedded stack keeps its state, database and logs.",
     )
     project_dir: Path = Field(

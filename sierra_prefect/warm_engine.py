@@ -20,6 +20,12 @@ if the client dies, the child is killed. With no warm engine to reach (a stock w
 another host, where ``SIERRA_PREFECT_WARM_ENGINE`` is unset), the client becomes
 ``python -m prefect.engine`` itself: the same flow run, started cold.
 
+The ``sierra-prefect`` command itself starts through ``cli`` below: ``run`` and ``check``
+(what SIERRA calls) go the same way when this home's warm engine runs, a forked child
+running the usual CLI code with the caller's arguments, environment and terminal, so a
+trigger does not pay Prefect's import either. Every other command runs in the caller's
+process.
+
 The server side (started by ``sierra-prefect up``, role ``warm-engine``)::
 
     python -m sierra_prefect.warm_engine serve SOCKET
@@ -38,6 +44,8 @@ import struct
 import sys
 import traceback
 from pathlib import Path
+
+from sierra_prefect import HOME_ENV, default_home
 
 # The worker's environment names the socket; flow-run processes inherit it.
 SOCKET_ENV = "SIERRA_PREFECT_WARM_ENGINE"
@@ -65,12 +73,11 @@ def is_listening(path: Path) -> bool:
 # -- the client: the pool's job command --------------------------------------------------
 
 
-def _engine_cold() -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+# CLI commands worth a warm start: what SIERRA calls, once or more per batch.
+WARM_COMMANDS = ("run", "check")
 
 
-def _connect() -> socket.socket | None:
-    path = os.environ.get(SOCKET_ENV)
+def _connect(path: str | None) -> socket.socket | None:
     if not path:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,17 +93,19 @@ def _forward(sock: socket.socket, signum: int) -> None:
     try:
         sock.sendall(f"{signum}\n".encode())
     except OSError:
-        pass  # the engine already ended
+        pass  # the child already ended
 
 
-def client() -> int:
-    sock = _connect()
-    if sock is None:
-        _engine_cold()
-    request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv[1:]}).encode()
+def _delegate(sock: socket.socket, kind: str) -> int:
+    """Have the warm engine fork a child that runs ``kind`` as this process would; relay
+    signals to it and return its exit code."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    request = json.dumps({"kind": kind, "env": dict(os.environ), "cwd": os.getcwd(),
+                          "umask": umask, "argv": sys.argv[1:]}).encode()
     socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
     sock.sendall(request)
-    for signum in _FORWARDED:  # the worker cancels by signalling this process
+    for signum in _FORWARDED:  # the worker cancels a flow run by signalling us; Ctrl-C
         signal.signal(signum, lambda signum, _frame: _forward(sock, signum))
     reply = b""
     while True:
@@ -110,8 +119,29 @@ def client() -> int:
     try:
         return int(json.loads(reply)["exit"])
     except (ValueError, KeyError):
-        print("sierra-prefect warm engine went away before the flow run ended", file=sys.stderr)
+        print("sierra-prefect: the warm engine went away before the end", file=sys.stderr)
         return 1
+
+
+def engine_client() -> int:
+    """The pool's job command: this flow run, forked warm, or ``python -m prefect.engine``."""
+    sock = _connect(os.environ.get(SOCKET_ENV))
+    if sock is None:
+        os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+    return _delegate(sock, "engine")
+
+
+def cli() -> int:
+    """The ``sierra-prefect`` console script."""
+    if sys.argv[1:2] and sys.argv[1] in WARM_COMMANDS:
+        home = Path(os.environ.get(HOME_ENV) or default_home())
+        path = socket_path(home)
+        sock = _connect(str(path) if path else None)
+        if sock is not None:
+            return _delegate(sock, "cli")
+    from sierra_prefect.cli import main
+
+    return main()
 
 
 # -- the server: one per worker host, started by `sierra-prefect up` ----------------------
@@ -127,8 +157,9 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def _run_engine(request: dict, stdio: list[int]) -> None:
-    """In the forked child: become ``python -m prefect.engine`` for this flow run."""
+def _run_child(request: dict, stdio: list[int]) -> None:
+    """In the forked child: become ``python -m prefect.engine`` for this flow run, or the
+    ``sierra-prefect`` command the client was asked to run."""
     code = 1
     try:
         for fd, target in zip(stdio, range(_STDIO)):
@@ -136,11 +167,13 @@ def _run_engine(request: dict, stdio: list[int]) -> None:
             os.close(fd)
         for signum in _FORWARDED:
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, as usual
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.chdir(request["cwd"])
+        os.umask(request.get("umask", 0o022))
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["prefect.engine", *request["argv"]]
+        kind = request.get("kind", "engine")
 
         import runpy
 
@@ -149,9 +182,16 @@ def _run_engine(request: dict, stdio: list[int]) -> None:
         # Settings as this flow run's environment says, not as the parent's. (Logging keeps
         # the parent's configuration: the worker's, which the job's environment shares.)
         prefect.context.refresh_global_settings_context()
-        sys.modules.pop("prefect.engine", None)  # run as __main__ afresh, as `python -m` does
-        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
-        code = 0
+        if kind == "cli":
+            sys.argv = ["sierra-prefect", *request["argv"]]
+            from sierra_prefect.cli import main
+
+            code = main() or 0
+        else:
+            sys.argv = ["prefect.engine", *request["argv"]]
+            sys.modules.pop("prefect.engine", None)  # run as __main__ afresh, as `python -m` does
+            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+            code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -178,10 +218,12 @@ def _session(conn: socket.socket) -> None:
     engine = os.fork()
     if engine == 0:
         conn.close()
-        _run_engine(request, stdio)
+        _run_child(request, stdio)
     for fd in stdio:
         os.close(fd)
-    print(f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}: engine pid {engine}", flush=True)
+    what = (f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}" if request.get("kind", "engine") == "engine"
+            else f"sierra-prefect {' '.join(request['argv'][:1])}")
+    print(f"{what}: engine pid {engine}", flush=True)
     exited = os.pidfd_open(engine)
     watched = [conn, exited]
     while True:
@@ -207,9 +249,14 @@ def _session(conn: socket.socket) -> None:
 
 def serve(path: Path) -> None:
     """Import Prefect and the flow once, then fork a session per client, forever."""
-    import prefect.engine  # noqa: F401  what every flow run would import
-    import prefect.flow_engine  # noqa: F401
-    import flows.sierra_batch  # noqa: F401  the flow and its helpers (cwd: the project)
+    import prefect.flow_engine  # noqa: F401  what every flow run imports (not prefect.engine:
+    import flows.sierra_batch  # noqa: F401  that runs as __main__); the flow (cwd: the project)
+    # What `sierra-prefect run` and `check` import: libraries only, so the CLI's own code is
+    # always read afresh from the checkout.
+    import prefect.deployments  # noqa: F401
+    import pydantic_settings  # noqa: F401
+    import rich.progress  # noqa: F401
+    import typer  # noqa: F401
 
     import threading
 
@@ -248,7 +295,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"] and len(argv) == 2:
         serve(Path(argv[1]))
         return 0
-    return client()
+    return engine_client()
 
 
 if __name__ == "__main__":
