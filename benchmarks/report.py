@@ -22,6 +22,7 @@ ROW_KEYS = (
     "overhead_ms_per_run",
     "overhead_ms_per_run_in_flow",
     "trigger_latency",
+    "bringup_cold_first",
     "bringup_cold",
     "bringup_warm",
     "sierra_stage2",
@@ -146,10 +147,14 @@ def build_rows(results: dict) -> list[Row]:
 
     # 4. Bring-up
     b = results.get("bringup") or {}
+    o = list(b.get("cold_first", []))
+    rows["bringup_cold_first"] = Row(
+        "bringup_cold_first", "4", "Bring-up cold, the machine's first stack (empty cache: the "
+        "server migrates its SQLite database) (s)", _cell(o, 1), ours_samples=o)
     o = list(b.get("cold", []))
     med = median(o)
     rows["bringup_cold"] = Row(
-        "bringup_cold", "4", "Bring-up cold: `sierra-prefect up`, fresh state, to healthy and deployed (s)",
+        "bringup_cold", "4", "Bring-up cold: `sierra-prefect up`, fresh state (migrated empty database cached), to healthy and deployed (s)",
         _cell(o, 1), target="≤ 15 s", met=_met(None if med is None else med <= 15.0), ours_samples=o)
     o = list(b.get("warm", []))
     med = median(o)
@@ -415,12 +420,13 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> None:
     ax.legend(fontsize=7, loc="center right")
     b = results.get("bringup") or {}
     ax = axes[1, 0]
-    bars(ax, ["cold", "warm"], [b.get("cold", []), b.get("warm", [])], [ours_c, "#6baed6"],
-         "seconds", "4. Bring-up: sierra-prefect up", digits=1)
-    ax.plot([-0.4, 0.4], [15, 15], color="red", linestyle="--", linewidth=1)
-    ax.plot([0.6, 1.4], [2, 2], color="red", linestyle="--", linewidth=1)
-    ax.text(0, 15, "target ≤ 15 s", color="red", ha="center", va="bottom", fontsize=8)
-    ax.text(1, 2, "target ≤ 2 s", color="red", ha="center", va="bottom", fontsize=8)
+    bars(ax, ["cold, 1st", "cold", "warm"],
+         [b.get("cold_first", []), b.get("cold", []), b.get("warm", [])],
+         [base_c, ours_c, "#6baed6"], "seconds", "4. Bring-up: sierra-prefect up", digits=1)
+    ax.plot([0.6, 1.4], [15, 15], color="red", linestyle="--", linewidth=1)
+    ax.plot([1.6, 2.4], [2, 2], color="red", linestyle="--", linewidth=1)
+    ax.text(1, 15, "target ≤ 15 s", color="red", ha="center", va="bottom", fontsize=8)
+    ax.text(2, 2, "target ≤ 2 s", color="red", ha="center", va="bottom", fontsize=8)
     s = (results.get("sierra") or {}).get("variants", {})
     hpc = _values(s.get("hpc", []), "wall")
     hmed = median(hpc)
