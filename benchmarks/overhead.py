@@ -6,9 +6,11 @@
 - ``parallel``: GNU parallel on the same commands file, invoked as SIERRA's
   ``hpc.local`` invokes it (``--jobs C --results DIR --joblog LOG``, bash as the shell).
 
-While ours runs, the RSS of the server's process tree and of the worker's process tree
-(the worker, the flow-run process it starts, and the runs) is sampled every 0.1 s;
-the peaks are item 6. The pids come from ``sierra-prefect status --json``.
+While ours runs, the RSS of the server's process tree and of the worker side's process
+trees (the worker; the warm engine with the flow-run process it forks; the runs) is
+sampled every 0.1 s; the peaks are item 6. RSS is summed per process, so pages a forked
+flow-run process still shares with the warm engine count twice: an upper bound. The pids
+come from ``sierra-prefect status --json``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _ours(stack: Stack, api_url: str, batch: Path, case: Path, n: int, cap: int,
             "--scratch-root", str(case / "scratch"), "--max-parallel", str(cap),
             "--no-resume", "--json"]
     roots = {"server": [pids["server"]] if pids.get("server") else [],
-             "worker": list(pids.get("workers") or [])}
+             "worker": [*(pids.get("workers") or []),
+                        *([pids["warm_engine"]] if pids.get("warm_engine") else [])]}
     with RssSampler(roots, interval=0.1) as sampler:
         start = time.perf_counter()
         result = subprocess.run(argv, env=stack.env, capture_output=True, text=True,

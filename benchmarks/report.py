@@ -189,7 +189,7 @@ def build_rows(results: dict) -> list[Row]:
                              _cell(o, 0), ours_samples=o)
     o = [x.get("worker_mib") for x in rss]
     rows["rss_worker"] = Row("rss_worker", "6",
-                             "Peak RSS of the worker's process tree (worker, flow-run process, runs), same batch (MiB)",
+                             "Peak RSS of the worker side (worker, warm engine, flow-run process, runs; RSS summed, an upper bound), same batch (MiB)",
                              _cell(o, 0), ours_samples=o)
     return [rows[k] for k in ROW_KEYS]
 
