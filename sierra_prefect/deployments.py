@@ -8,12 +8,14 @@ A digest of the deployed files lets ``up`` skip deploying when nothing changed.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from sierra_prefect import warm_engine
 from sierra_prefect.errors import ShimError
 
 FLOW_NAME = "sierra"
@@ -49,20 +51,21 @@ def missing(client, names: list[str]) -> list[str]:
     return absent
 
 
-def deploy_all(project_dir: Path, env: dict[str, str], log: Path) -> None:
-    """``prefect --no-prompt deploy --all`` in the project; its output goes to ``log``."""
+def deploy_all(project_dir: Path, env: dict[str, str], log: Path, warm: Path | None = None) -> None:
+    """``prefect --no-prompt deploy --all`` in the project; its output goes to ``log``.
+
+    Forked from the warm engine at ``warm`` when it answers (no second import of Prefect),
+    else in a new Python."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    prefect = [sys.executable, "-m", "prefect"]
-    with open(log, "ab") as out:
-        result = subprocess.run(
-            [*prefect, "--no-prompt", "deploy", "--all"],
-            cwd=project_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=300,
-        )
-    if result.returncode != 0:
+    argv = ["--no-prompt", "deploy", "--all"]
+    with open(log, "ab") as out, open(os.devnull, "rb") as nothing:
+        code = warm_engine.run_forked(warm, argv, env, project_dir,
+                                      (nothing.fileno(), out.fileno(), out.fileno()))
+        if code is None:
+            code = subprocess.run(
+                [sys.executable, "-m", "prefect", *argv], cwd=project_dir, env=env,
+                stdin=nothing, stdout=out, stderr=subprocess.STDOUT, timeout=300,
+            ).returncode
+    if code != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
         raise ShimError(f"`prefect deploy --all` failed (see {log}): {tail}")

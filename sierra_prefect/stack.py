@@ -71,6 +71,14 @@ def _wait_for(condition, deadline: float, proc: ProcessRecord | None, what: str)
     raise ShimError(f"{what} not ready after {deadline:.0f} s{log}: check the log and retry")
 
 
+@dataclass(frozen=True)
+class _Booting:
+    """A server just started: its process, and its new SQLite file if it migrates one."""
+
+    record: ProcessRecord
+    new_database: Path | None
+
+
 @dataclass
 class Stack:
     settings: Settings
@@ -114,23 +122,25 @@ class Stack:
             warm = self._already_up(project, docker)
             if warm is not None:
                 return warm
-            # Steps overlap where they can (2 cores here): the client is imported while
-            # the server boots, and the warm engine and worker boot while we deploy.
+            code_changed = self.state.deployed_digest != deployments.digest(project)
+            # Steps overlap where they can (2 cores here): while the server boots, this
+            # process imports Prefect's client and the warm engine imports Prefect and
+            # flows/; the deploy then forks from the warm engine while the worker boots.
             client_import = _import_in_background("prefect.client.orchestration")
-            api_url = self._ensure_server()
+            api_url, booting = self._ensure_server()
+            engine = self._ensure_warm_engine(api_url, project, restart=code_changed)
+            self._wait_for_server(api_url, booting)
             connection = Connection(api_url, self.settings.auth_secret())
             connection.server_version()  # fails clearly on wrong credentials
             client_import.join()
             with connection.client() as client:
                 for change in pools.apply(client, specs) + automations.apply(client):
                     self.say(change)
-                deploy = self._deploy_needed(client, project)
-                engine = self._ensure_warm_engine(api_url, project, restart=deploy)
                 worker = self._ensure_worker(api_url, "process")
-                if deploy:
-                    self._deploy(client, api_url, project)
+                warm = self._wait_for_warm_engine(engine)
+                if self._deploy_needed(client, project):
+                    self._deploy(client, api_url, project, warm)
                 self._wait_for_worker(client, "process", worker)
-                self._wait_for_warm_engine(engine)
                 if docker:
                     self._ensure_image(project)
                     self._wait_for_worker(client, "docker", self._ensure_worker(api_url, "docker"))
@@ -173,16 +183,18 @@ class Stack:
         self.say(f"already up at {api_url}{where}, worker pid {pids}; deployments current")
         return connection
 
-    def _ensure_server(self) -> str:
+    def _ensure_server(self) -> tuple[str, "_Booting | None"]:
+        """The server's API URL, starting our server if needed (then also what
+        ``_wait_for_server`` waits on: it returns before the server is healthy)."""
         if self.external:
             Connection(self.settings.api_url).require_healthy()
             self.say(f"using the Prefect server at {self.settings.api_url} (PREFECT_API_URL)")
             self.state.api_url = self.settings.api_url
-            return self.settings.api_url
+            return self.settings.api_url, None
         server = self.state.server
         if server and server.is_running() and self.state.api_url and Connection(self.state.api_url).is_healthy():
             self.say(f"server already up at {self.state.api_url} (pid {server.pid})")
-            return self.state.api_url
+            return self.state.api_url, None
         if server and server.is_running():
             # Ours but not answering: restart it rather than leave a zombie server.
             self.say(f"server pid {server.pid} is not healthy; restarting it")
@@ -209,11 +221,15 @@ class Stack:
         self.state.save(self.settings.state_file)
         seed = " from the cached empty database" if seeded else ""
         self.say(f"starting Prefect server on {api_url}{seed} (pid {record.pid})")
+        return api_url, _Booting(record, database if fresh and not seeded else None)
+
+    def _wait_for_server(self, api_url: str, booting: "_Booting | None") -> None:
+        if booting is None:
+            return
         _wait_for(lambda: Connection(api_url).is_healthy(), self.settings.server_start_timeout,
-                  record, "Prefect server")
-        if fresh and not seeded:
-            sqlite_template.save(database)  # the next fresh home skips the migrations
-        return api_url
+                  booting.record, "Prefect server")
+        if booting.new_database is not None:
+            sqlite_template.save(booting.new_database)  # the next fresh home skips migrations
 
     def _require_same_server_settings(self) -> None:
         """A server that comes back must come back with the host and database it had."""
@@ -251,13 +267,13 @@ class Stack:
             return False
         return True
 
-    def _deploy(self, client, api_url: str, project: Path) -> None:
+    def _deploy(self, client, api_url: str, project: Path, warm: Path | None) -> None:
         names = deployments.declared(project)
         current = deployments.digest(project)
         self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
         deployments.deploy_all(
             project, prefect_env(api_url, self.settings, **self.settings.client_env()),
-            self.settings.logs_dir / "deploy.log",
+            self.settings.logs_dir / "deploy.log", warm,
         )
         still = deployments.missing(client, names)
         if still:
@@ -291,17 +307,19 @@ class Stack:
         self.say(f"starting warm engine (pid {record.pid})")
         return record
 
-    def _wait_for_warm_engine(self, record: ProcessRecord | None) -> None:
-        """It imports Prefect while the worker starts; flow runs before it is ready just
-        start cold, so a failure here is a warning, never a failed ``up``."""
-        if record is None:
-            return
+    def _wait_for_warm_engine(self, record: ProcessRecord | None) -> Path | None:
+        """Its socket, once it listens. Without it flow runs and the deploy just start
+        cold, so a failure here is a warning, never a failed ``up``."""
         path = warm_engine.socket_path(self.settings.home)
+        if record is None or path is None:
+            return None
         try:
             _wait_for(lambda: warm_engine.is_listening(path), self.settings.worker_start_timeout,
                       record, "warm engine")
         except ShimError as exc:
             self.say(f"warning: {exc}; flow runs start cold")
+            return None
+        return path
 
     def _ensure_image(self, project) -> None:
         from sierra_prefect import docker

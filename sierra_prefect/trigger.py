@@ -25,7 +25,7 @@ from flows.summary import BatchSummary
 from sierra_prefect.errors import ShimError
 from sierra_prefect.connection import Connection
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.25  # how soon the end is seen; two light API reads per poll
 CANCEL_DEADLINE_SECONDS = 60.0
 CRASHED_GRACE_SECONDS = 15.0
 # How long `run` keeps following while the server does not answer (e.g. a restart).

@@ -26,6 +26,9 @@ running the usual CLI code with the caller's arguments, environment and terminal
 trigger does not pay Prefect's import either. Every other command runs in the caller's
 process.
 
+``sierra-prefect up`` deploys the same way (``prefect --no-prompt deploy --all``, forked),
+having started the warm engine while the server boots.
+
 The server side (started by ``sierra-prefect up``, role ``warm-engine``)::
 
     python -m sierra_prefect.warm_engine serve SOCKET
@@ -96,17 +99,18 @@ def _forward(sock: socket.socket, signum: int) -> None:
         pass  # the child already ended
 
 
-def _delegate(sock: socket.socket, kind: str) -> int:
-    """Have the warm engine fork a child that runs ``kind`` as this process would; relay
-    signals to it and return its exit code."""
+def _send(sock: socket.socket, kind: str, argv: list[str], env: dict[str, str], cwd: str,
+          stdio: tuple[int, int, int]) -> None:
     umask = os.umask(0o077)
     os.umask(umask)
-    request = json.dumps({"kind": kind, "env": dict(os.environ), "cwd": os.getcwd(),
-                          "umask": umask, "argv": sys.argv[1:]}).encode()
-    socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
+    request = json.dumps({"kind": kind, "env": env, "cwd": cwd, "umask": umask,
+                          "argv": argv}).encode()
+    socket.send_fds(sock, [_HEADER.pack(len(request))], list(stdio))
     sock.sendall(request)
-    for signum in _FORWARDED:  # the worker cancels a flow run by signalling us; Ctrl-C
-        signal.signal(signum, lambda signum, _frame: _forward(sock, signum))
+
+
+def _exit_code(sock: socket.socket) -> int | None:
+    """The child's exit code, once it exits; None if the warm engine went away first."""
     reply = b""
     while True:
         try:
@@ -119,8 +123,32 @@ def _delegate(sock: socket.socket, kind: str) -> int:
     try:
         return int(json.loads(reply)["exit"])
     except (ValueError, KeyError):
+        return None
+
+
+def _delegate(sock: socket.socket, kind: str) -> int:
+    """Have the warm engine fork a child that runs ``kind`` as this process would (its
+    arguments, environment, directory and stdio); relay signals; return its exit code."""
+    _send(sock, kind, sys.argv[1:], dict(os.environ), os.getcwd(), (0, 1, 2))
+    for signum in _FORWARDED:  # the worker cancels a flow run by signalling us; Ctrl-C
+        signal.signal(signum, lambda signum, _frame: _forward(sock, signum))
+    code = _exit_code(sock)
+    if code is None:
         print("sierra-prefect: the warm engine went away before the end", file=sys.stderr)
         return 1
+    return code
+
+
+def run_forked(path: Path | None, argv: list[str], env: dict[str, str], cwd: Path,
+               stdio: tuple[int, int, int]) -> int | None:
+    """``prefect ARGV`` forked from the warm engine at ``path`` (``up`` deploys this way);
+    its exit code, or None if no warm engine answered (the caller starts it cold)."""
+    sock = _connect(str(path) if path else None)
+    if sock is None:
+        return None
+    with sock:
+        _send(sock, "prefect", argv, env, str(cwd), stdio)
+        return _exit_code(sock)
 
 
 def engine_client() -> int:
@@ -157,9 +185,27 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-def _run_child(request: dict, stdio: list[int]) -> None:
-    """In the forked child: become ``python -m prefect.engine`` for this flow run, or the
-    ``sierra-prefect`` command the client was asked to run."""
+def forget_edited(package: str, since: float) -> bool:
+    """A cold engine reads flows/ from disk for every flow run; so must a forked one. If
+    any loaded module of ``package`` changed since ``since`` (when the warm engine imported
+    it), drop them all, so this child imports them afresh. True if it dropped them."""
+    loaded = [name for name in sys.modules if name == package or name.startswith(package + ".")]
+    for name in loaded:
+        try:
+            if os.stat(sys.modules[name].__file__).st_mtime <= since:
+                continue
+        except (OSError, TypeError, AttributeError):
+            pass  # no file to compare: assume it changed
+        for stale in loaded:
+            del sys.modules[stale]
+        return True
+    return False
+
+
+def _run_child(request: dict, stdio: list[int], warm_since: float) -> None:
+    """In the forked child: become what the client asked for, as if started afresh:
+    ``python -m prefect.engine`` for a flow run, a ``sierra-prefect`` command, or a
+    ``prefect`` command (``up``'s deploy)."""
     code = 1
     try:
         for fd, target in zip(stdio, range(_STDIO)):
@@ -174,6 +220,7 @@ def _run_child(request: dict, stdio: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         kind = request.get("kind", "engine")
+        forget_edited("flows", warm_since)
 
         import runpy
 
@@ -187,6 +234,10 @@ def _run_child(request: dict, stdio: list[int]) -> None:
             from sierra_prefect.cli import main
 
             code = main() or 0
+        elif kind == "prefect":  # as `python -m prefect ARGV`
+            sys.argv = ["prefect", *request["argv"]]
+            runpy.run_module("prefect", run_name="__main__", alter_sys=True)
+            code = 0
         else:
             sys.argv = ["prefect.engine", *request["argv"]]
             sys.modules.pop("prefect.engine", None)  # run as __main__ afresh, as `python -m` does
@@ -205,7 +256,7 @@ def _run_child(request: dict, stdio: list[int]) -> None:
         os._exit(code)
 
 
-def _session(conn: socket.socket) -> None:
+def _session(conn: socket.socket, warm_since: float) -> None:
     """In a forked child per flow run: fork the engine, relay signals in and the exit out."""
     # Its own process group: restarting or stopping the warm engine (a group kill) leaves
     # flow runs in flight alone; they end with their client, i.e. with their worker.
@@ -218,11 +269,12 @@ def _session(conn: socket.socket) -> None:
     engine = os.fork()
     if engine == 0:
         conn.close()
-        _run_child(request, stdio)
+        _run_child(request, stdio, warm_since)
     for fd in stdio:
         os.close(fd)
-    what = (f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}" if request.get("kind", "engine") == "engine"
-            else f"sierra-prefect {' '.join(request['argv'][:1])}")
+    kind = request.get("kind", "engine")
+    what = (f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}" if kind == "engine"
+            else f"{'sierra-prefect' if kind == 'cli' else 'prefect'} {' '.join(request['argv'][:3])}")
     print(f"{what}: engine pid {engine}", flush=True)
     exited = os.pidfd_open(engine)
     watched = [conn, exited]
@@ -249,6 +301,9 @@ def _session(conn: socket.socket) -> None:
 
 def serve(path: Path) -> None:
     """Import Prefect and the flow once, then fork a session per client, forever."""
+    import time
+
+    warm_since = time.time()  # flows/ as about to be imported (see forget_edited)
     import prefect.flow_engine  # noqa: F401  what every flow run imports (not prefect.engine:
     import flows.sierra_batch  # noqa: F401  that runs as __main__); the flow (cwd: the project)
     # What `sierra-prefect run` and `check` import: libraries only, so the CLI's own code is
@@ -283,7 +338,7 @@ def serve(path: Path) -> None:
         if os.fork() == 0:
             listener.close()
             try:
-                _session(conn)
+                _session(conn, warm_since)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -178,7 +178,10 @@ def test_postgres_stack_runs_a_batch_and_keeps_the_password_secret(pg_stack, pos
     flow_run_id = summary["flow_run_id"]
     assert int(postgres.psql("SELECT count(*) FROM flow_run")) >= 1
     assert postgres.psql(f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
-    assert int(postgres.psql(f"SELECT count(*) FROM task_run WHERE flow_run_id = '{flow_run_id}'")) == runs
+    # Task runs reach the database from their events, asynchronously: wait, with a deadline.
+    wait_until(lambda: int(postgres.psql(
+        f"SELECT count(*) FROM task_run WHERE flow_run_id = '{flow_run_id}'")) == runs,
+        60, f"the {runs} task runs in PostgreSQL")
 
     # Nor does the password land in the stack's own files (state, logs).
     for path in stack.home.rglob("*"):

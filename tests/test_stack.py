@@ -49,6 +49,9 @@ def test_flow_runs_fork_from_the_warm_engine(stack, tmp_path):
     assert _engine_pids(stack.home, flow_run_id) == [int(seen.read_text())]
     wait_until(lambda: f"engine pid {seen.read_text().strip()} exited 0" in
                (stack.home / "logs" / "warm-engine.log").read_text(), 30, "the engine's exit 0")
+    # `run` itself (what SIERRA calls) was forked from the warm engine as well.
+    assert any(line.startswith("sierra-prefect run sierra/local") and ": engine pid" in line
+               for line in (stack.home / "logs" / "warm-engine.log").read_text().splitlines())
 
 
 def test_ctrl_c_cancels_the_flow_run_and_ends_its_runs(stack, tmp_path):
