@@ -26,4 +26,7 @@ python=$(command -v python3.11 || command -v python3)
 command -v uv >/dev/null || "$python" -m pip install -q uv
 # Use the system CA bundle (a TLS-intercepting proxy's CA lives there, if any).
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] && export SSL_CERT_FILE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
-uv sync --frozen --python "$python" "${extras[@]}"
+# --compile-bytecode: write every package's .pyc now. Python would cache them on first
+# import, but not where PYTHONDONTWRITEBYTECODE is set (as on CI here): `import prefect`
+# then compiles from source in every process, 2.3 s instead of 1.1 s.
+uv sync --frozen --compile-bytecode --python "$python" "${extras[@]}"
