@@ -277,31 +277,44 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-class RssSampler:
-    """Peak RSS (bytes) of process trees, sampled in a thread: ``{role: [root pids]}``."""
+class _Periodic:
+    """Calls ``sample()`` every ``interval`` seconds on a thread, from ``with`` to its end."""
 
-    def __init__(self, roots: dict[str, list[int]], interval: float = 0.1) -> None:
-        self.roots = roots
+    def __init__(self, interval: float, name: str) -> None:
         self.interval = interval
-        self.peaks: dict[str, int] = {role: 0 for role in roots}
-        self.samples = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for role, pids in self.roots.items():
-                self.peaks[role] = max(self.peaks[role], sum(tree_rss(p) for p in pids))
-            self.samples += 1
+            self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RssSampler(_Periodic):
+    """Peak RSS (bytes) of process trees, sampled in a thread: ``{role: [root pids]}``."""
+
+    def __init__(self, roots: dict[str, list[int]], interval: float = 0.1) -> None:
+        super().__init__(interval, "rss-sampler")
+        self.roots = roots
+        self.peaks: dict[str, int] = {role: 0 for role in roots}
+        self.samples = 0
+
+    def sample(self) -> None:
+        for role, pids in self.roots.items():
+            self.peaks[role] = max(self.peaks[role], sum(tree_rss(p) for p in pids))
+        self.samples += 1
 
 
 @dataclass(frozen=True)
@@ -311,7 +324,7 @@ class Found:
     cmdline: str
 
 
-class TreeWatcher:
+class TreeWatcher(_Periodic):
     """Remembers every descendant of ``pid`` (with its start time) while it runs.
 
     Used for SIERRA's built-in Prefect plugin, which backgrounds a server and a
@@ -321,17 +334,13 @@ class TreeWatcher:
     """
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(interval, "tree-watcher")
         self.pid = pid
-        self.interval = interval
         self.seen: dict[int, Found] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-watcher", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for proc in tree(self.pid)[1:]:
-                self._remember(proc)
-            self._stop.wait(self.interval)
+    def sample(self) -> None:
+        for proc in tree(self.pid)[1:]:
+            self._remember(proc)
 
     def _remember(self, proc: psutil.Process) -> None:
         try:
@@ -341,14 +350,6 @@ class TreeWatcher:
                 )
         except psutil.Error:
             pass
-
-    def __enter__(self) -> "TreeWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def leftovers(self) -> list[Found]:
         """Processes still alive that we saw under ``pid`` or that are in its session."""

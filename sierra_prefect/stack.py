@@ -119,10 +119,11 @@ class Stack:
         specs = pools.WorkPoolSpec.load_all(project / "workpools")
         with locked(self.settings.home):
             self.state = StackState.load(self.settings.state_file)
-            warm = self._already_up(project, docker)
+            digest = deployments.digest(project)  # prefect.yaml, flows/, workpools/
+            warm = self._already_up(project, digest, docker)
             if warm is not None:
                 return warm
-            code_changed = self.state.deployed_digest != deployments.digest(project)
+            code_changed = self.state.deployed_digest != digest
             # Steps overlap where they can (2 cores here): while the server boots, this
             # process imports Prefect's client and the warm engine imports Prefect and
             # flows/; the deploy then forks from the warm engine while the worker boots.
@@ -138,8 +139,8 @@ class Stack:
                     self.say(change)
                 worker = self._ensure_worker(api_url, "process")
                 warm = self._wait_for_warm_engine(engine)
-                if self._deploy_needed(client, project):
-                    self._deploy(client, api_url, project, warm)
+                if self._deploy_needed(client, project, digest):
+                    self._deploy(client, api_url, project, digest, warm)
                 self._wait_for_worker(client, "process", worker)
                 if docker:
                     self._ensure_image(project)
@@ -147,7 +148,7 @@ class Stack:
             self.state.save(self.settings.state_file)
         return connection
 
-    def _already_up(self, project: Path, docker: bool) -> Connection | None:
+    def _already_up(self, project: Path, digest: str, docker: bool) -> Connection | None:
         """The warm path: everything this ``up`` would start runs, healthy and current.
 
         Checked from the state file and plain HTTP only, without importing Prefect, so a
@@ -164,7 +165,7 @@ class Stack:
         engine = self.state.warm_engine
         if warm_engine.socket_path(self.settings.home) and not (engine and engine.is_running()):
             return None
-        if self.state.deployed_digest != deployments.digest(project):
+        if self.state.deployed_digest != digest:
             return None  # prefect.yaml, flows/ or workpools/ changed since the last deploy
         connection = Connection(api_url, self.settings.auth_secret())
         if not connection.is_healthy() or connection.server_version() is None:
@@ -260,16 +261,15 @@ class Stack:
             )
         return port
 
-    def _deploy_needed(self, client, project: Path) -> bool:
+    def _deploy_needed(self, client, project: Path, digest: str) -> bool:
         names = deployments.declared(project)
-        if not deployments.missing(client, names) and self.state.deployed_digest == deployments.digest(project):
+        if not deployments.missing(client, names) and self.state.deployed_digest == digest:
             self.say(f"deployments up to date: {', '.join(names)}")
             return False
         return True
 
-    def _deploy(self, client, api_url: str, project: Path, warm: Path | None) -> None:
+    def _deploy(self, client, api_url: str, project: Path, digest: str, warm: Path | None) -> None:
         names = deployments.declared(project)
-        current = deployments.digest(project)
         self.say(f"deploying {', '.join(names)} (prefect deploy --all)")
         deployments.deploy_all(
             project, prefect_env(api_url, self.settings, **self.settings.client_env()),
@@ -279,7 +279,14 @@ class Stack:
         if still:
             raise ShimError(f"deployments {', '.join(still)} missing after deploy: see "
                             f"{self.settings.logs_dir / 'deploy.log'}")
-        self.state.deployed_digest = current
+        self.state.deployed_digest = digest
+
+    def _venv_env(self, api_url: str, **extra: str) -> dict[str, str]:
+        """A Prefect client's environment with this venv first on PATH: the worker's flow
+        runs and the warm engine run `python -m ...` and must get this venv's Python."""
+        env = prefect_env(api_url, self.settings, **self.settings.client_env(), **extra)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
 
     def _ensure_warm_engine(self, api_url: str, project: Path, restart: bool) -> ProcessRecord | None:
         """Start the warm engine the process worker's flow runs fork from, unless it runs
@@ -296,11 +303,9 @@ class Stack:
                 return running
             self.say(f"flow code changed: restarting the warm engine (pid {running.pid})")
             running.stop()
-        env = prefect_env(api_url, self.settings, **self.settings.client_env())
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         record = ProcessRecord.spawn(
             "warm-engine", [sys.executable, "-m", "sierra_prefect.warm_engine", "serve", str(path)],
-            env, self.settings.logs_dir / "warm-engine.log", project,
+            self._venv_env(api_url), self.settings.logs_dir / "warm-engine.log", project,
         )
         self.state.warm_engine = record
         self.state.save(self.settings.state_file)
@@ -343,11 +348,10 @@ class Stack:
         name = self.worker_name(kind, len(self.state.workers))
         argv = [sys.executable, "-m", "prefect", "worker", "start",
                 "--pool", pool, "--type", kind, "--name", name]
-        env = prefect_env(api_url, self.settings, **self.settings.client_env(),
-                          PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
-        # Flow runs start `python -m sierra_prefect.warm_engine` (workpools/): this venv's,
-        # and it forks them from our warm engine when there is one.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env = self._venv_env(
+            api_url, PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
+        # Flow runs start `python -m sierra_prefect.warm_engine` (workpools/), which forks
+        # them from our warm engine when there is one.
         socket_path = warm_engine.socket_path(self.settings.home)
         if kind == "process" and socket_path is not None:
             env[warm_engine.SOCKET_ENV] = str(socket_path)

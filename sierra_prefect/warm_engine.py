@@ -65,11 +65,10 @@ def socket_path(home: Path) -> Path | None:
 
 
 def is_listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
+    sock = _connect(path)
+    if sock is None:
+        return False
+    sock.close()
     return True
 
 
@@ -80,12 +79,12 @@ def is_listening(path: Path) -> bool:
 WARM_COMMANDS = ("run", "check")
 
 
-def _connect(path: str | None) -> socket.socket | None:
+def _connect(path: str | Path | None) -> socket.socket | None:
     if not path:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
+        sock.connect(str(path))
     except OSError:  # not running (down, or never started): start cold
         sock.close()
         return None
@@ -143,7 +142,7 @@ def run_forked(path: Path | None, argv: list[str], env: dict[str, str], cwd: Pat
                stdio: tuple[int, int, int]) -> int | None:
     """``prefect ARGV`` forked from the warm engine at ``path`` (``up`` deploys this way);
     its exit code, or None if no warm engine answered (the caller starts it cold)."""
-    sock = _connect(str(path) if path else None)
+    sock = _connect(path)
     if sock is None:
         return None
     with sock:
@@ -164,7 +163,7 @@ def cli() -> int:
     if sys.argv[1:2] and sys.argv[1] in WARM_COMMANDS:
         home = Path(os.environ.get(HOME_ENV) or default_home())
         path = socket_path(home)
-        sock = _connect(str(path) if path else None)
+        sock = _connect(path)
         if sock is not None:
             return _delegate(sock, "cli")
     from sierra_prefect.cli import main

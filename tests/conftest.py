@@ -9,7 +9,6 @@ Nothing here kills by name: stacks are brought down with ``sierra-prefect down``
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,19 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import stack_env
+
 PROJECT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "sierra-prefect")
 
 
 def base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SIERRA_PREFECT_"))}
-    env.update(
-        SIERRA_PREFECT_HOME=str(home),
-        SIERRA_PREFECT_PORT="auto",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_HOME=str(home / "client-prefect-home"),
-    )
-    return env
+    """A stack of its own in ``home`` (any free port, telemetry off), as the benchmarks use."""
+    return stack_env(home)
 
 
 @dataclass
