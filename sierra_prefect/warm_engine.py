@@ -346,7 +346,11 @@ def serve(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["serve"] and len(argv) == 2:
+    if argv[:1] == ["serve"]:
+        if len(argv) != 2 or not Path(argv[1]).parent.is_dir():
+            print("sierra_prefect.warm_engine: usage: serve SOCKET (a path in an existing "
+                  "directory); `sierra-prefect up` starts it for you", file=sys.stderr)
+            return 2
         serve(Path(argv[1]))
         return 0
     return engine_client()

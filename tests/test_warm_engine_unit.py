@@ -42,3 +42,15 @@ def test_forget_edited_keeps_unchanged_modules_and_drops_all_after_an_edit(tmp_p
 def test_socket_path_is_none_when_too_long_for_a_unix_socket(tmp_path):
     assert warm_engine.socket_path(tmp_path) == tmp_path / "warm-engine.sock"
     assert warm_engine.socket_path(tmp_path / ("x" * 120)) is None
+
+
+def test_serve_with_bad_arguments_is_one_clear_line(tmp_path):
+    import subprocess
+
+    for args in (["serve"], ["serve", str(tmp_path / "missing" / "x.sock")]):
+        result = subprocess.run([sys.executable, "-m", "sierra_prefect.warm_engine", *args],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "usage: serve SOCKET" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created
