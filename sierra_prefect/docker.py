@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sierra_prefect.errors import ShimError
+from sierra_prefect.lock import locked_version
 
 DEFAULT_TAG = "sierra-prefect/worker:latest"
 
@@ -25,14 +26,6 @@ class DockerUnavailable(ShimError):
     """No Docker engine answers where the shim runs."""
 # Where the flow code lives inside the image (prefect.yaml's dockerremote pull step).
 IMAGE_PROJECT_DIR = "/opt/sierra-prefect"
-
-
-def locked_version(project_dir: Path, package: str = "prefect") -> str:
-    lock = tomllib.loads((project_dir / "uv.lock").read_text())
-    for entry in lock["package"]:
-        if entry["name"] == package:
-            return entry["version"]
-    raise ShimError(f"uv.lock has no '{package}': run `uv lock` in {project_dir}")
 
 
 def _docker():

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PROJECT, StackHandle, base_env, sierra_prefect
+from tests.helpers import PROJECT, StackHandle, base_env, sierra_prefect
 
 BASE_IMAGE = "sierra-prefect/base:bookworm"
 WORKER_IMAGE = "sierra-prefect/worker:latest"
@@ -332,7 +332,7 @@ def compose_early(request):
 def start_batch(deployment: str, batch: Path, scratch: Path, *extra: str, env: dict,
                 as_json: bool = True) -> subprocess.Popen:
     """``sierra-prefect run ... [--json]`` in the background (see ``finish``)."""
-    from tests.conftest import CLI
+    from tests.helpers import CLI
 
     return subprocess.Popen(
         [CLI, "run", deployment, "--input-root", str(batch), "--scratch-root", str(scratch),

@@ -29,20 +29,11 @@ import pytest
 import yaml
 
 from flows.summary import BatchSummary
-from tests.conftest import PROJECT, base_env, make_batch, sierra_prefect, wait_until
-from tests.docker_support import (  # noqa: F401  (fixtures are found by name)
+from tests.helpers import PROJECT, base_env, make_batch, sierra_prefect, wait_until
+from tests.docker_support import (
     SESSION_ID,
     TEST_REPO,
     WORKER_IMAGE,
-    compose_early,
-    compose_setup,
-    docker_cleanup,
-    docker_compose_command,
-    docker_compose_file,
-    docker_compose_project_name,
-    docker_engine,
-    docker_setup,
-    docker_stack,
     finish,
     flow_run_count,
     image_exists,

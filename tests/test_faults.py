@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import CLI, make_batch, wait_until
+from tests.helpers import CLI, make_batch, wait_until
 
 pytestmark = pytest.mark.slow
 

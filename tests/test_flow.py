@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.sierra_batch import sierra
-from tests.conftest import make_batch, wait_until
+from tests.helpers import make_batch, wait_until
 
 
 def run_flow(**params):

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from tests import sierra_support as ss
-from tests.conftest import base_env
+from tests.helpers import base_env
 
 pytestmark = [pytest.mark.sierra, pytest.mark.slow]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import CLI, base_env, make_batch, max_overlap, sierra_prefect, timed_command, wait_until
+from tests.helpers import CLI, prefect_version, base_env, make_batch, max_overlap, sierra_prefect, timed_command, wait_until
 
 
 def test_status_reports_versions_pids_pools_and_deployments(stack):
     status = stack.status()
     assert status["healthy"] is True
     assert status["api_url"].startswith("http://127.0.0.1:")
-    assert status["prefect_client_version"] == status["prefect_server_version"] == "3.8.8"
+    assert status["prefect_client_version"] == status["prefect_server_version"] == prefect_version()
     assert psutil.pid_exists(status["pids"]["server"])
     assert len(status["pids"]["workers"]) == 1
     assert {"sierra/local", "sierra/dockerremote"} <= set(status["deployments"])

@@ -1,0 +1,99 @@
+"""What test modules share that is not a fixture: the CLI, batches, waits, versions.
+
+Fixtures live in conftest.py and the ``*_support`` plugins it names; test modules import
+only plain helpers from here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import max_at_once, read_intervals, span, stack_env
+from sierra_prefect.lock import locked_version
+
+PROJECT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "sierra-prefect")
+
+
+def prefect_version() -> str:
+    """The Prefect version uv.lock pins for this project: what client and server must be."""
+    return locked_version(PROJECT)
+
+
+def base_env(home: Path) -> dict[str, str]:
+    """A stack of its own in ``home`` (any free port, telemetry off), as the benchmarks use."""
+    return stack_env(home)
+
+
+@dataclass
+class StackHandle:
+    home: Path
+    env: dict[str, str]
+    api_url: str
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
+        return sierra_prefect(*args, env=self.env, timeout=timeout, check=check, **kw)
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment of a client pointed at this stack (what `eval $(sierra-prefect env)` does)."""
+        return {**self.env, "PREFECT_API_URL": self.api_url}
+
+
+def sierra_prefect(*args: str, env: dict, timeout: float = 300, check: bool = False, **kw):
+    result = subprocess.run(
+        [CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"sierra-prefect {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+def bring_up(home: Path, *extra: str) -> StackHandle:
+    env = base_env(home)
+    sierra_prefect("up", *extra, env=env, timeout=300, check=True)
+    status = json.loads(sierra_prefect("status", "--json", env=env, check=True).stdout)
+    return StackHandle(home=home, env=env, api_url=status["api_url"])
+
+
+def make_batch(root: Path, commands: list[str]) -> tuple[Path, Path]:
+    """A batch dir with commands.txt, and a scratch dir path (not created)."""
+    batch = root / "batch"
+    batch.mkdir(parents=True, exist_ok=True)
+    (batch / "commands.txt").write_text("\n".join(commands) + "\n")
+    return batch, root / "scratch"
+
+
+def timed_command(out_dir: Path, name: str, seconds: float, extra: str = "") -> str:
+    """A run that records when it started and ended (for overlap checks)."""
+    return (
+        f"date +%s.%N > {out_dir}/{name}.start; sleep {seconds}; {extra}"
+        f"date +%s.%N > {out_dir}/{name}.end"
+    )
+
+
+def max_overlap(out_dir: Path) -> tuple[int, float]:
+    """The most runs that were running at once, and the span from first start to last end."""
+    intervals = read_intervals(out_dir)
+    return max_at_once(intervals), span(intervals)
+
+
+def wait_until(condition, deadline: float, what: str, interval: float = 0.1):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {deadline} s waiting for {what}")
