@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import psutil
 
@@ -176,7 +176,7 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def wait_server_quiet(stack: "Stack", threshold: float = 0.15, window: float = 1.0,
+def wait_server_quiet(stack: Stack, threshold: float = 0.15, window: float = 1.0,
                       deadline: float = 180.0) -> float:
     """Wait until the server's process tree uses < ``threshold`` of a core over ``window``.
 
@@ -197,17 +197,6 @@ def wait_server_quiet(stack: "Stack", threshold: float = 0.15, window: float = 1
 
 
 # -- polling -----------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], object], deadline: float, what: str,
-               interval: float = 0.05) -> object:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {deadline:.0f} s waiting for {what}")
 
 
 # -- batches of timed commands -----------------------------------------------------------
@@ -422,7 +411,7 @@ def machine_info() -> dict:
         from importlib.metadata import version
 
         sierra_version = version("sierra-research")
-    except Exception:  # noqa: BLE001 - optional
+    except Exception:
         sierra_version = None
     try:
         parallel_version = subprocess.run(
