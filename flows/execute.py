@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -115,7 +115,18 @@ def read_commands(input_root: Path) -> list[str]:
         raise BatchInputError(
             f"'{path}' does not exist: run SIERRA stage 1 for this batch first"
         )
-    commands = [line.strip() for line in path.read_text().splitlines()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # SIERRA writes UTF-8; anything else is a damaged or hand-edited file. Name the
+        # line (1-based, as an editor shows it) so it can be found and fixed.
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BatchInputError(
+            f"'{path}' line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}): save it as "
+            "UTF-8 or regenerate it with SIERRA stage 1"
+        ) from None
+    commands = [line.strip() for line in text.splitlines()]
     commands = [c for c in commands if c]
     if not commands:
         raise BatchInputError(f"'{path}' has no commands: regenerate it with SIERRA stage 1")

@@ -20,13 +20,13 @@ import re
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from flows.plan import STATE_DIR, RunSpec, is_done, run_dir
-from flows.summary import BatchSummary, FailedRun
+from flows.summary import BatchSummary, FailedRun, read_summary
 
 POLL_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 8.0
@@ -112,8 +112,6 @@ class FanOut:
                 self._cancel(client, active)
 
     def _collect(self, client, child_id, state, chunk: _Chunk, pending: deque) -> None:
-        from flows.sierra_batch import read_summary
-
         summary = read_summary(client, child_id)
         if summary is not None and summary.declined:
             chunk.declined += 1

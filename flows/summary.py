@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+# Keys of the artifacts the flow publishes: markdown for people, JSON for the shim.
+SUMMARY_KEY = "sierra-summary"
+SUMMARY_JSON_KEY = "sierra-summary-json"
+
 
 class FailedRun(BaseModel):
     name: str
@@ -64,3 +68,23 @@ class BatchSummary(BaseModel):
                     f"| {run.name} | {code} | `{command}` | `{run.stdout}` | `{run.stderr}` |"
                 )
         return "\n".join(lines) + "\n"
+
+
+def read_summary(client, flow_run_id) -> BatchSummary | None:
+    """The summary a flow run of ``sierra`` published (None if it published none).
+
+    ``client`` is a sync Prefect client; Prefect is imported only here, so the model
+    above stays importable without it.
+    """
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_JSON_KEY])),
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+    )
+    return BatchSummary.model_validate(artifacts[0].data) if artifacts else None

@@ -69,7 +69,7 @@ def shim_executable() -> str:
     return SHIM_NAME
 
 
-def parse_mount(spec: str) -> tuple[str, str, tp.Optional[str]]:
+def parse_mount(spec: str) -> tuple[str, str, str | None]:
     """Split a bind mount ``SRC:DST[:ro|rw]``; raise ValueError if malformed.
 
     Only host-directory bind mounts (absolute SRC and DST) are accepted, as
@@ -92,19 +92,19 @@ def parse_mount(spec: str) -> tuple[str, str, tp.Optional[str]]:
 
 def build_run_argv(
     deployment: str,
-    input_root: tp.Union[str, os.PathLike],
-    scratch_root: tp.Union[str, os.PathLike],
+    input_root: str | os.PathLike,
+    scratch_root: str | os.PathLike,
     *,
-    max_parallel: tp.Optional[int] = None,
-    run_timeout: tp.Optional[int] = None,
+    max_parallel: int | None = None,
+    run_timeout: int | None = None,
     resume: bool = True,
-    workdir: tp.Optional[tp.Union[str, os.PathLike]] = None,
-    work_pool: tp.Optional[str] = None,
-    work_queue: tp.Optional[str] = None,
-    image: tp.Optional[str] = None,
+    workdir: str | os.PathLike | None = None,
+    work_pool: str | None = None,
+    work_queue: str | None = None,
+    image: str | None = None,
     host_user: bool = False,
     mounts: tp.Sequence[str] = (),
-    shim: tp.Optional[str] = None,
+    shim: str | None = None,
 ) -> list[str]:
     """The ``sierra-prefect run`` argument vector (unquoted)."""
     if not deployment:

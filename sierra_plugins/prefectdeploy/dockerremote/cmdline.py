@@ -8,9 +8,10 @@ cmdopts keys added: ``docker_image``, ``docker_extra_mounts``,
 
 import argparse
 
-from prefectdeploy import cmdline as shared
 from sierra.core import types
 from sierra.plugins import PluginCmdline
+
+from prefectdeploy import cmdline as shared
 
 DEFAULT_DEPLOYMENT = "sierra/dockerremote"
 

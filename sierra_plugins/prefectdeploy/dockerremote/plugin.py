@@ -16,9 +16,10 @@ import argparse
 import pathlib
 import typing as tp
 
+from sierra.core import types
+
 from prefectdeploy import common
 from prefectdeploy.common import execenv_check
-from sierra.core import types
 
 
 def docker_argv_kwargs(cmdopts: types.Cmdopts) -> dict[str, tp.Any]:

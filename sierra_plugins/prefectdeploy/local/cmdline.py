@@ -4,9 +4,10 @@
 
 import argparse
 
-from prefectdeploy import cmdline as shared
 from sierra.core import types
 from sierra.plugins import PluginCmdline
+
+from prefectdeploy import cmdline as shared
 
 DEFAULT_DEPLOYMENT = "sierra/local"
 
