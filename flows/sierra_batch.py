@@ -35,10 +35,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -71,10 +71,8 @@ from flows.plan import (
     run_dir,
 )
 from flows.spread import FanOut, declined_summary, worker_name, worker_slot
-from flows.summary import BatchSummary, FailedRun
-
-SUMMARY_KEY = "sierra-summary"
-SUMMARY_JSON_KEY = "sierra-summary-json"
+from flows.summary import SUMMARY_JSON_KEY, SUMMARY_KEY, BatchSummary, FailedRun
+from sierra_prefect.versions import mismatch
 
 
 def default_cap() -> int:
@@ -117,7 +115,7 @@ def run_one(
         mark_done(
             Path(scratch_root),
             run,
-            {**record, "finished": datetime.now(timezone.utc).isoformat()},
+            {**record, "finished": datetime.now(UTC).isoformat()},
         )
         return record
     why = f"timed out after {run_timeout} s" if outcome.timed_out else f"exit code {outcome.exit_code}"
@@ -152,18 +150,20 @@ def _runs_end_with_the_flow() -> Iterator[None]:
 
 
 def _require_server_version() -> None:
-    """Refuse to run under a Prefect that differs from the server's (e.g. a stale image)."""
+    """Refuse to run under a Prefect the server's may not work with (e.g. a stale image).
+
+    The same rule as the shim's (sierra_prefect/versions.py: same major.minor), checked
+    again here because the flow run's Prefect is the worker's or the image's, which the
+    shim cannot always see (a client without Docker).
+    """
     import prefect
 
     with get_client(sync_client=True) as client:
         response = client.request("GET", "/admin/version")
     server = response.json() if response.status_code == 200 else None
-    if server != prefect.__version__:
-        raise RuntimeError(
-            f"this flow run has Prefect {prefect.__version__} but the server has {server}: "
-            "rebuild the worker image (`sierra-prefect image build`) or upgrade the worker "
-            "from the same uv.lock as the server"
-        )
+    reason = mismatch(prefect.__version__, server, who="flow run")
+    if reason:
+        raise RuntimeError(reason)
 
 
 def _end_stragglers(scratch: Path, runs: list[RunSpec], logger) -> None:
@@ -230,7 +230,7 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
             )
             for r in todo
         ]
-        for run, future in zip(todo, futures):
+        for run, future in zip(todo, futures, strict=True):
             future.wait()
             state = future.state
             outcome = state.result(raise_on_failure=False)
@@ -332,22 +332,6 @@ def _deployment_name() -> str | None:
 
     name = deployment.name
     return f"{flow_run.flow_name}/{name}" if name else None
-
-
-def read_summary(client, flow_run_id) -> BatchSummary | None:
-    """The summary a flow run of ``sierra`` published (None if it published none)."""
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterKey,
-        FlowRunFilter,
-        FlowRunFilterId,
-    )
-
-    artifacts = client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_JSON_KEY])),
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-    )
-    return BatchSummary.model_validate(artifacts[0].data) if artifacts else None
 
 
 def _crashed(run: RunSpec, scratch: Path, error: object) -> FailedRun:

@@ -126,16 +126,6 @@ def image_prefect_version(tag: str) -> str:
     return output.decode().strip()
 
 
-def check_versions(image: str, client_version: str, server_version: str | None) -> None:
-    in_image = image_prefect_version(image)
-    if len({in_image, client_version, server_version}) != 1:
-        raise ShimError(
-            f"Prefect versions differ: image {image} has {in_image}, client {client_version}, "
-            f"server {server_version}: rebuild the image from this checkout's uv.lock "
-            "(`sierra-prefect image build`) and run client and server from the same lock"
-        )
-
-
 def parse_mount(text: str) -> str:
     """``SRC:DST[:ro|rw]`` with an existing absolute SRC, as Docker's -v takes it."""
     parts = text.split(":")

@@ -19,11 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Prefect itself (and the flow module, which imports it) is imported only once the
 # inputs are known to be good: bad input fails fast.
-
 from flows.plan import BatchInputError, check_roots, is_done, plan_runs, prepare_scratch, read_commands
-from flows.summary import BatchSummary
-from sierra_prefect.errors import ShimError
+from flows.summary import BatchSummary, read_summary
 from sierra_prefect.connection import Connection
+from sierra_prefect.errors import ShimError
+from sierra_prefect.versions import check_versions
 
 POLL_SECONDS = 0.25  # how soon the end is seen; two light API reads per poll
 CANCEL_DEADLINE_SECONDS = 60.0
@@ -121,13 +121,19 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
     return len(runs), done
 
 
-def check_deployment(client, connection: Connection, name: str, work_pool: str | None = None):
-    """The deployment and its pool exist (and match ``work_pool`` if given)."""
+def check_deployment(client, connection: Connection, name: str, work_pool: str | None = None,
+                     image: str | None = None, console: Console | None = None):
+    """The deployment and its pool exist (and match ``work_pool`` if given), and the
+    Prefect versions of this client, the server and (Docker pools) the image may work
+    together (sierra_prefect/versions.py); ``image`` overrides the deployment's."""
+    from prefect import __version__ as client_version
     from prefect.exceptions import ObjectNotFound
 
     api_url = connection.api_url
     connection.require_healthy()
-    connection.server_version()  # one clear line if our credentials are refused
+    # Raises one clear line if our credentials are refused.
+    server_version = connection.server_version()
+    check_versions(client_version, server_version, api_url=api_url)
     if "/" not in name:
         raise ShimError(f"deployment '{name}' is not FLOW/NAME: use e.g. sierra/local")
     try:
@@ -138,7 +144,7 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
             "(or `prefect deploy --all` in the sierra-prefect checkout)"
         ) from None
     try:
-        client.read_work_pool(deployment.work_pool_name)
+        pool = client.read_work_pool(deployment.work_pool_name)
     except ObjectNotFound:
         raise ShimError(
             f"work pool '{deployment.work_pool_name}' of {name} does not exist: run "
@@ -149,7 +155,38 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
             f"{name} runs on pool '{deployment.work_pool_name}', not '{work_pool}': drop "
             "--work-pool or deploy it to that pool"
         )
+    if pool.type == "docker":
+        _check_image(name, deployment, pool, image, client_version, server_version, api_url,
+                     console or Console(stderr=True, soft_wrap=True))
     return deployment
+
+
+def _image_of(deployment, pool, image: str | None) -> str | None:
+    """The image a Docker flow run of ``deployment`` uses: ``image``, else the deployment's,
+    else the pool's default."""
+    return (
+        image
+        or (deployment.job_variables or {}).get("image")
+        or pool.base_job_template["variables"]["properties"].get("image", {}).get("default")
+    )
+
+
+def _check_image(name: str, deployment, pool, image: str | None, client_version: str,
+                 server_version: str | None, api_url: str, console: Console) -> None:
+    from sierra_prefect import docker
+
+    image = _image_of(deployment, pool, image)
+    if not image:
+        raise ShimError(f"{name} names no image: pass --image IMAGE")
+    try:
+        in_image = docker.image_prefect_version(image)
+    except docker.DockerUnavailable as exc:
+        # A client without Docker (e.g. a laptop triggering a lab server): the flow
+        # checks its own Prefect against the server's before any run starts.
+        console.print(f"[yellow]not checking image {image} here: {exc}[/yellow]")
+        return
+    check_versions(client_version, server_version, api_url=api_url, image=image,
+                   image_version=in_image)
 
 
 def _check_params(deployment, params: dict[str, Any]) -> None:
@@ -167,9 +204,10 @@ def trigger(connection: Connection, request: Trigger, console: Console) -> Outco
     from prefect.deployments import run_deployment
 
     with connection.client() as client:
-        deployment = check_deployment(client, connection, request.deployment, request.work_pool)
+        deployment = check_deployment(client, connection, request.deployment, request.work_pool,
+                                      image=request.image, console=console)
         _check_params(deployment, request.parameters())
-        _docker_job_variables(client, connection, deployment, request, console)
+        _docker_job_variables(client, deployment, request)
         if not _pool_has_workers(client, deployment.work_pool_name):
             console.print(
                 f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
@@ -190,10 +228,8 @@ def trigger(connection: Connection, request: Trigger, console: Console) -> Outco
         return follow(client, flow_run.id, total, done, console, ui_url)
 
 
-def _docker_job_variables(client, connection: Connection, deployment, request: Trigger, console: Console) -> None:
-    """For a Docker deployment: mount the roots, apply image/user/mounts, check versions."""
-    from prefect import __version__ as client_version
-
+def _docker_job_variables(client, deployment, request: Trigger) -> None:
+    """For a Docker deployment: mount the roots, apply image/user/mounts."""
     from sierra_prefect import docker
 
     pool = client.read_work_pool(deployment.work_pool_name)
@@ -209,19 +245,6 @@ def _docker_job_variables(client, connection: Connection, deployment, request: T
         **docker.job_variables(request.input_root, request.scratch_root, request.image,
                                request.host_user, request.mounts),
     }
-    image = (
-        request.image
-        or (deployment.job_variables or {}).get("image")
-        or pool.base_job_template["variables"]["properties"].get("image", {}).get("default")
-    )
-    if not image:
-        raise ShimError(f"{request.deployment} names no image: pass --image IMAGE")
-    try:
-        docker.check_versions(image, client_version, connection.server_version())
-    except docker.DockerUnavailable as exc:
-        # A client without Docker (e.g. a laptop triggering a lab server): the flow
-        # checks its own Prefect against the server's before any run starts.
-        console.print(f"[yellow]not checking image {image} here: {exc}[/yellow]")
 
 
 def _pool_has_workers(client, pool: str) -> bool:
@@ -252,8 +275,6 @@ def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, u
     except KeyboardInterrupt:
         console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
         state = cancel(client, flow_run_id)
-    from flows.sierra_batch import read_summary
-
     summary = read_summary(client, flow_run_id)
     return Outcome(flow_run_id, state.type.value, state.message, summary, ui_url)
 
@@ -291,7 +312,8 @@ def _poll(client, flow_run_id: UUID, show) -> Any:
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > OUTAGE_DEADLINE_SECONDS:
                 raise ShimError(
-                    f"lost the Prefect server for {OUTAGE_DEADLINE_SECONDS:.0f} s ({exc.__class__.__name__}): "
+                    f"lost the Prefect server for {OUTAGE_DEADLINE_SECONDS:.0f} s "
+                    f"({exc.__class__.__name__}): "
                     f"the batch may still be running; re-run the same command to resume it"
                 ) from None
             time.sleep(1.0)
