@@ -15,13 +15,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
 
+try:  # typer 0.26+ carries its own copy of click; older ones use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
 from sierra_prefect.errors import ShimError
 from sierra_prefect.settings import Settings
+
+PROG = "sierra-prefect"
 
 app = typer.Typer(
     help="Run SIERRA stage 2 on Prefect 3: bring the stack up, trigger deployments by name.",
@@ -53,7 +59,7 @@ def _stack(settings: Settings, quiet: bool = False):
     return Stack(settings, say=(lambda _: None) if quiet else err.print)
 
 
-def _port(value: Optional[str]):
+def _port(value: str | None):
     if value is None or value == "auto":
         return value
     if value.isdigit() and 0 < int(value) < 65536:
@@ -63,11 +69,15 @@ def _port(value: Optional[str]):
 
 @app.command()
 def up(
-    port: Optional[str] = typer.Option(None, help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
+    port: str | None = typer.Option(
+        None, help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
     docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
-    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
-    database: Optional[str] = typer.Option(None, help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect (default SQLite)."),
-    home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+    host: str | None = typer.Option(
+        None, help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
+    database: str | None = typer.Option(
+        None, help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect "
+        "(default SQLite)."),
+    home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
 ) -> None:
     """Start (or reuse) the embedded stack: server, pools, deployments, worker."""
     settings = _settings(port=_port(port), home=home, host=host, database_url=database)
@@ -78,7 +88,7 @@ def up(
 
 
 @app.command()
-def down(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def down(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
     """Stop exactly the processes `up` started (by pid), and wait until they exit."""
     lines = _stack(_settings(home=home)).down()
     for line in lines or ["nothing running for this stack"]:
@@ -88,7 +98,7 @@ def down(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+    home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
 ) -> None:
     """Server URL and health, Prefect versions, pools, workers online, deployments."""
     report = _stack(_settings(home=home), quiet=True).status()
@@ -110,7 +120,7 @@ def status(
 
 
 @app.command()
-def env(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def env(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
     """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
     connection = _stack(_settings(home=home), quiet=True).connection()
     out.print(f"export PREFECT_API_URL={connection.api_url}", highlight=False)
@@ -120,7 +130,7 @@ def env(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_
 @app.command()
 def check(
     deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local."),
-    work_pool: Optional[str] = typer.Option(None, help="Fail unless the deployment uses this pool."),
+    work_pool: str | None = typer.Option(None, help="Fail unless the deployment uses this pool."),
 ) -> None:
     """Exit 0 if the server is reachable and DEPLOYMENT exists (used by SIERRA plugins)."""
     from sierra_prefect.trigger import check_deployment
@@ -136,17 +146,18 @@ def run(
     deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
     input_root: str = typer.Option(..., help="Absolute directory holding commands.txt."),
     scratch_root: str = typer.Option(..., help="Absolute directory for logs and resume markers."),
-    max_parallel: Optional[int] = typer.Option(None, help="Cap on runs at once (default: worker host CPUs)."),
-    run_timeout: Optional[float] = typer.Option(None, help="Seconds before a run's process group is killed."),
+    max_parallel: int | None = typer.Option(None, help="Cap on runs at once (default: worker host CPUs)."),
+    run_timeout: float | None = typer.Option(None, help="Seconds before a run's process group is killed."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip runs that already succeeded."),
-    workdir: Optional[str] = typer.Option(None, help="Directory the commands run in (default: input root)."),
-    spread: Optional[int] = typer.Option(None, help="Fan the batch out to N child flow runs, shared by the pool's workers."),
-    param: List[str] = typer.Option([], help="Extra flow parameter KEY=VALUE (repeatable)."),
-    work_pool: Optional[str] = typer.Option(None, help="Expected pool (must be the deployment's)."),
-    work_queue: Optional[str] = typer.Option(None, help="Queue of the deployment's pool to use."),
-    image: Optional[str] = typer.Option(None, help="Docker deployments: image for this flow run."),
+    workdir: str | None = typer.Option(None, help="Directory the commands run in (default: input root)."),
+    spread: int | None = typer.Option(
+        None, help="Fan the batch out to N child flow runs, shared by the pool's workers."),
+    param: list[str] = typer.Option([], help="Extra flow parameter KEY=VALUE (repeatable)."),
+    work_pool: str | None = typer.Option(None, help="Expected pool (must be the deployment's)."),
+    work_queue: str | None = typer.Option(None, help="Queue of the deployment's pool to use."),
+    image: str | None = typer.Option(None, help="Docker deployments: image for this flow run."),
     host_user: bool = typer.Option(False, "--host-user", help="Docker deployments: run as your uid:gid."),
-    mount: List[str] = typer.Option([], help="Docker deployments: extra SRC:DST[:MODE] mount (repeatable)."),
+    mount: list[str] = typer.Option([], help="Docker deployments: extra SRC:DST[:MODE] mount (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
@@ -227,8 +238,9 @@ def pools_apply() -> None:
 
 @image_app.command("build")
 def image_build(
-    tag: Optional[str] = typer.Option(None, help="Image tag (default: the one sierra/dockerremote uses)."),
-    base_image: Optional[str] = typer.Option(None, help="BASE_IMAGE: a Python 3.11 image (default: python:3.11-slim)."),
+    tag: str | None = typer.Option(None, help="Image tag (default: the one sierra/dockerremote uses)."),
+    base_image: str | None = typer.Option(
+        None, help="BASE_IMAGE: a Python 3.11 image (default: python:3.11-slim)."),
 ) -> None:
     """Build the worker image with exactly the Prefect version of uv.lock."""
     from sierra_prefect import docker
@@ -240,7 +252,7 @@ def image_build(
 
 
 @app.command()
-def demo(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def demo(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
     """Bring the stack up, run a small sample batch through sierra/local, print the summary."""
     from sierra_prefect.demo import run_demo
 
@@ -250,13 +262,37 @@ def demo(home: Optional[Path] = typer.Option(None, help="State directory (SIERRA
     raise typer.Exit(outcome.exit_code)
 
 
-def main() -> None:
+def _error(message: str) -> None:
+    err.print(f"{PROG}: error: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command (``argv``, default ``sys.argv[1:]``); its exit code.
+
+    Every error is one line on stderr: a bad option or argument exits 2 and names the
+    command's ``--help``."""
+    command = typer.main.get_command(app)
     try:
-        app()
+        # prog_name, not the interpreter's guess: forked from the warm engine this code
+        # runs as `python -m sierra_prefect.cli`, and usage lines must still say PROG.
+        code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        return exc.exit_code  # the help was printed while raising it
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else PROG
+        _error(f"{exc.format_message().rstrip('.')}: see `{where} --help`")
+        return exc.exit_code
+    except ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 1
     except ShimError as exc:
-        err.print(f"sierra-prefect: error: {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _error(str(exc))
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,9 +8,9 @@ wherever needed and printed nowhere.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import httpx
 
@@ -29,7 +29,7 @@ class Connection:
     def ui_url(self) -> str:
         return self.api_url.removesuffix("/api")
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self) -> dict[str, str]:
         if not self.auth_string:
             return {}
         token = base64.b64encode(self.auth_string.encode()).decode()
@@ -71,7 +71,7 @@ class Connection:
     def server_version(self) -> str | None:
         """The server's Prefect version; ShimError if it refuses our credentials."""
         try:
-            response = httpx.get(f"{self.api_url}/admin/version", headers=self._headers(), timeout=5.0)
+            response = httpx.get(f"{self.api_url}/admin/version", headers=self.headers(), timeout=5.0)
         except httpx.HTTPError:
             return None
         if response.status_code == 401:
@@ -86,7 +86,7 @@ class Connection:
         not import Prefect (about 2 s here). False also when the server does not say."""
         try:
             response = httpx.get(f"{self.api_url}/deployments/name/{name}",
-                                 headers=self._headers(), timeout=5.0)
+                                 headers=self.headers(), timeout=5.0)
         except httpx.HTTPError:
             return False
         return response.status_code == 200

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 
+from sierra_prefect.digests import files_digest
 from sierra_prefect.errors import ShimError
 from sierra_prefect.lock import locked_version
 
@@ -24,8 +24,15 @@ DEFAULT_TAG = "sierra-prefect/worker:latest"
 
 class DockerUnavailable(ShimError):
     """No Docker engine answers where the shim runs."""
-# Where the flow code lives inside the image (prefect.yaml's dockerremote pull step).
-IMAGE_PROJECT_DIR = "/opt/sierra-prefect"
+
+
+def _network_mode(network_mode: str | None) -> str:
+    """The Docker network of what the shim builds and runs itself (a setting)."""
+    if network_mode:
+        return network_mode
+    from sierra_prefect.settings import Settings
+
+    return Settings().docker_network_mode
 
 
 def _docker():
@@ -38,7 +45,7 @@ def _docker():
     except docker.errors.DockerException as exc:
         raise DockerUnavailable(
             "the Docker engine is not reachable (" + str(exc).splitlines()[0][:120] + "): start "
-            "it (e.g. `scripts/docker-engine.sh start`) or set DOCKER_HOST"
+            "the Docker daemon (e.g. `sudo systemctl start docker`) or point DOCKER_HOST at one"
         ) from None
 
 
@@ -50,11 +57,11 @@ def source_digest(project_dir: Path) -> str:
     files = [project_dir / "pyproject.toml", project_dir / "uv.lock", project_dir / "Dockerfile"]
     for folder in ("flows", "sierra_prefect"):
         files += sorted((project_dir / folder).glob("*.py"))
-    sha = hashlib.sha256()
-    for path in files:
-        sha.update(str(path.relative_to(project_dir)).encode())
-        sha.update(path.read_bytes())
-    return sha.hexdigest()
+    return files_digest(project_dir, files)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def image_is_current(tag: str, project_dir: Path) -> bool:
@@ -69,8 +76,9 @@ def image_is_current(tag: str, project_dir: Path) -> bool:
 
 
 def build_image(project_dir: Path, tag: str = DEFAULT_TAG, base_image: str | None = None,
-                log: Path | None = None) -> None:
-    """``docker build`` of the project's Dockerfile, versions from the lock, host network."""
+                log: Path | None = None, network_mode: str | None = None) -> None:
+    """``docker build`` of the project's Dockerfile, versions from the lock, on the network
+    ``network_mode`` (default: the ``docker_network_mode`` setting)."""
     import docker
 
     client = _docker()
@@ -78,9 +86,9 @@ def build_image(project_dir: Path, tag: str = DEFAULT_TAG, base_image: str | Non
         previous = client.images.get(tag).id
     except docker.errors.ImageNotFound:
         previous = None
-    argv = ["docker", "build", "--network", "host", "-t", tag,
+    argv = ["docker", "build", "--network", _network_mode(network_mode), "-t", tag,
             "--build-arg", f"PREFECT_VERSION={locked_version(project_dir)}",
-            "--build-arg", f"UV_LOCK_SHA256={hashlib.sha256((project_dir / 'uv.lock').read_bytes()).hexdigest()}",
+            "--build-arg", f"UV_LOCK_SHA256={_sha256(project_dir / 'uv.lock')}",
             "--build-arg", f"SOURCE_DIGEST={source_digest(project_dir)}"]
     if base_image:
         argv += ["--build-arg", f"BASE_IMAGE={base_image}"]
@@ -121,7 +129,7 @@ def image_prefect_version(tag: str) -> str:
     output = client.containers.run(
         tag,
         ["python", "-c", "import importlib.metadata as m; print(m.version('prefect'))"],
-        network_mode="host", remove=True, environment={"PREFECT_HOME": "/tmp/.prefect"},
+        network_mode=_network_mode(None), remove=True, environment={"PREFECT_HOME": "/tmp/.prefect"},
     )
     return output.decode().strip()
 

@@ -39,7 +39,7 @@ class WorkPoolSpec(BaseModel):
     )
 
     @classmethod
-    def load_all(cls, directory: Path) -> list["WorkPoolSpec"]:
+    def load_all(cls, directory: Path) -> list[WorkPoolSpec]:
         specs = []
         for path in sorted(directory.glob("*.yaml")):
             try:

@@ -1,9 +1,18 @@
-"""Processes the shim starts, recorded by pid *and* start time.
+"""Processes the shim starts, recorded by pid *and* start time, and how they end.
 
 A pid alone can be reused by another program after ours exits; the start time makes the
 record unambiguous, so ``down`` and ``up`` never signal a process that is not ours. Each
-process is started in its own session, so stopping it stops its children too (one
-``killpg`` on a group whose id we recorded), and nothing else.
+process is started in its own session, so stopping it stops its children too (its process
+group, whose id we recorded), and nothing else.
+
+Use::
+
+    record = ProcessRecord.spawn("server", argv, env, log_path, cwd)
+    wait_for(lambda: healthy(), deadline=60, proc=record, what="Prefect server")
+    record.stop()            # SIGTERM the group, wait, SIGKILL what is left
+
+``terminate`` is the one SIGTERM-wait-SIGKILL of the package; ``wait_for`` the one
+readiness wait (a condition with a deadline, never a fixed sleep).
 """
 
 from __future__ import annotations
@@ -12,10 +21,53 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
 from pydantic import BaseModel
+
+from sierra_prefect.errors import ShimError
+
+# SIGKILL is final: only the kernel's bookkeeping is left to wait for.
+_AFTER_KILL_SECONDS = 10.0
+
+
+def terminate(procs: Iterable[psutil.Process], grace: float = 30.0,
+              signal_all: Callable[[int], None] | None = None) -> list[psutil.Process]:
+    """SIGTERM ``procs``, wait up to ``grace`` seconds for them to exit, SIGKILL the rest
+    and wait for those too. ``signal_all(signum)``, if given, sends each signal instead
+    (once: e.g. to a whole process group). Returns the ones still alive (none, normally)."""
+    procs = list(procs)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _AFTER_KILL_SECONDS)):
+        if signal_all is not None:
+            signal_all(sig)
+        else:
+            for proc in procs:
+                try:
+                    proc.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass  # already gone
+        _, procs = psutil.wait_procs(procs, timeout=wait)
+        if not procs:
+            break
+    return procs
+
+
+def wait_for(condition: Callable[[], object], deadline: float, proc: ProcessRecord | None,
+             what: str) -> None:
+    """Poll ``condition`` until true; fail early if ``proc`` died, late at the deadline."""
+    end = time.monotonic() + deadline
+    delay = 0.05
+    while time.monotonic() < end:
+        if condition():
+            return
+        if proc is not None and not proc.is_running():
+            raise ShimError(f"{what} exited while starting (see {proc.log}): {proc.log_tail()}")
+        time.sleep(delay)  # a poll interval, growing to 0.5 s: the deadline is what counts
+        delay = min(delay * 1.5, 0.5)
+    log = f" (see {proc.log})" if proc else ""
+    raise ShimError(f"{what} not ready after {deadline:.0f} s{log}: check the log and retry")
 
 
 class ProcessRecord(BaseModel):
@@ -26,7 +78,7 @@ class ProcessRecord(BaseModel):
     log: str
 
     @classmethod
-    def spawn(cls, role: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> "ProcessRecord":
+    def spawn(cls, role: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> ProcessRecord:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -46,49 +98,38 @@ class ProcessRecord(BaseModel):
             log=str(log),
         )
 
-    def is_running(self) -> bool:
-        """True only if this pid is still the very process we started."""
+    def process(self) -> psutil.Process | None:
+        """This very process (same pid *and* start time), or None."""
         try:
             proc = psutil.Process(self.pid)
-            return (
-                abs(proc.create_time() - self.create_time) < 0.01
-                and proc.status() != psutil.STATUS_ZOMBIE
-            )
+            if abs(proc.create_time() - self.create_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
         except psutil.Error:
-            return False
+            pass
+        return None
 
-    def stop(self, timeout: float = 30.0) -> bool:
-        """SIGTERM our process group, wait for it, SIGKILL what is left. False if not ours."""
-        if not self.is_running():
+    def is_running(self) -> bool:
+        """True only if this pid is still the very process we started."""
+        return self.process() is not None
+
+    def stop(self, grace: float = 30.0) -> bool:
+        """SIGTERM our process group, wait for all of it, SIGKILL what is left. False if
+        the process is not ours (any more)."""
+        leader = self.process()
+        if leader is None:
             return False
-        self._signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.is_running() or self._group_alive()):
-            time.sleep(0.1)
-        if self.is_running() or self._group_alive():
-            self._signal(signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.is_running():
-                time.sleep(0.05)
+        # Our process leads its own group (start_new_session); if it changed its group,
+        # only the process itself is ours to signal.
+        group = self.pid if _group_of(self.pid) == self.pid else None
+        members = [leader] + ([p for p in _members(group) if p.pid != self.pid] if group else [])
+        terminate(members, grace, signal_all=lambda sig: _signal(leader, sig, group))
         return True
 
-    def _signal(self, sig: signal.Signals) -> None:
-        # Our process leads its own group (start_new_session); if it was reparented or
-        # changed its group, signal only the process itself.
-        try:
-            if os.getpgid(self.pid) == self.pid:
-                os.killpg(self.pid, sig)
-            else:
-                os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+    def stop_and_report(self) -> str:
+        """``stop``, and the line ``down`` prints about it."""
+        if self.stop():
+            return f"stopped {self.role} (pid {self.pid})"
+        return f"{self.role} pid {self.pid} was already gone (or is now another program's): left alone"
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -96,3 +137,30 @@ class ProcessRecord(BaseModel):
         except OSError:
             return ""
         return " | ".join(text[-lines:])
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _members(group: int) -> list[psutil.Process]:
+    """Every live process of process group ``group``."""
+    members = []
+    for proc in psutil.process_iter():
+        if _group_of(proc.pid) == group:
+            members.append(proc)
+    return members
+
+
+def _signal(leader: psutil.Process, sig: int, group: int | None) -> None:
+    # One killpg reaches the whole group, including members started after we listed them.
+    try:
+        if group is not None:
+            os.killpg(group, sig)
+        else:
+            leader.send_signal(sig)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass  # nothing left to signal

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
     )
     base_image: str | None = Field(
         None, description="BASE_IMAGE for building the worker image (default: the Dockerfile's)."
+    )
+    docker_network_mode: str = Field(
+        "host",
+        description=(
+            "Docker network of image builds and of the containers the shim starts itself "
+            "(e.g. to ask an image its Prefect version). 'host' lets them reach a server "
+            "bound to 127.0.0.1 and needs no Docker bridge; the Docker pool's own default "
+            "is in workpools/sierra-docker-pool.yaml."
+        ),
     )
     server_start_timeout: float = Field(120.0, description="Deadline for a healthy server.")
     worker_start_timeout: float = Field(60.0, description="Deadline for a worker online.")
@@ -162,4 +172,12 @@ def prefect_env(api_url: str | None, settings: Settings, **extra: str) -> dict[s
     else:
         env.pop("PREFECT_API_URL", None)
     env.update(extra)
+    return env
+
+
+def venv_env(api_url: str, settings: Settings, **extra: str) -> dict[str, str]:
+    """A Prefect client's environment with this venv first on PATH: workers' flow runs and
+    the warm engine run `python -m ...` and must get this venv's Python."""
+    env = prefect_env(api_url, settings, **settings.client_env(), **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -11,9 +11,9 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pydantic import BaseModel, ValidationError
 
@@ -44,7 +44,7 @@ class StackState(BaseModel):
         }
 
     @classmethod
-    def load(cls, path: Path) -> "StackState":
+    def load(cls, path: Path) -> StackState:
         if not path.exists():
             return cls()
         try:

@@ -20,18 +20,21 @@ if the client dies, the child is killed. With no warm engine to reach (a stock w
 another host, where ``SIERRA_PREFECT_WARM_ENGINE`` is unset), the client becomes
 ``python -m prefect.engine`` itself: the same flow run, started cold.
 
-The ``sierra-prefect`` command itself starts through ``cli`` below: ``run`` and ``check``
-(what SIERRA calls) go the same way when this home's warm engine runs, a forked child
-running the usual CLI code with the caller's arguments, environment and terminal, so a
-trigger does not pay Prefect's import either. Every other command runs in the caller's
-process.
-
-``sierra-prefect up`` deploys the same way (``prefect --no-prompt deploy --all``, forked),
-having started the warm engine while the server boots.
+Any module can be run this way, as ``python -m MODULE ARGS`` would run it: the
+``sierra-prefect`` entry point (``sierra_prefect/__main__.py``) hands ``run`` and
+``check`` (what SIERRA calls) to ``run_module_warm(home, "sierra_prefect.cli", argv)``, so a
+trigger does not pay Prefect's import either, and ``sierra-prefect up`` deploys with
+``prefect --no-prompt deploy --all`` forked the same way (``run_forked``). This module
+knows nothing of the CLI.
 
 The server side (started by ``sierra-prefect up``, role ``warm-engine``)::
 
     python -m sierra_prefect.warm_engine serve SOCKET
+
+and its lifecycle in a stack (start, ready, stop; ``down`` also removes the socket)::
+
+    engine = WarmEngine(settings, state, say, save)
+    engine.start(env, project, restart=False); engine.wait_ready(); engine.stop()
 
 Only the standard library is imported at module level: the client must start fast.
 """
@@ -46,9 +49,13 @@ import socket
 import struct
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sierra_prefect import HOME_ENV, default_home
+if TYPE_CHECKING:  # the lifecycle's types; the client imports none of them
+    from sierra_prefect.settings import Settings
+    from sierra_prefect.state import StackState
 
 # The worker's environment names the socket; flow-run processes inherit it.
 SOCKET_ENV = "SIERRA_PREFECT_WARM_ENGINE"
@@ -75,10 +82,6 @@ def is_listening(path: Path) -> bool:
 # -- the client: the pool's job command --------------------------------------------------
 
 
-# CLI commands worth a warm start: what SIERRA calls, once or more per batch.
-WARM_COMMANDS = ("run", "check")
-
-
 def _connect(path: str | Path | None) -> socket.socket | None:
     if not path:
         return None
@@ -98,11 +101,11 @@ def _forward(sock: socket.socket, signum: int) -> None:
         pass  # the child already ended
 
 
-def _send(sock: socket.socket, kind: str, argv: list[str], env: dict[str, str], cwd: str,
+def _send(sock: socket.socket, module: str, argv: list[str], env: dict[str, str], cwd: str,
           stdio: tuple[int, int, int]) -> None:
     umask = os.umask(0o077)
     os.umask(umask)
-    request = json.dumps({"kind": kind, "env": env, "cwd": cwd, "umask": umask,
+    request = json.dumps({"module": module, "env": env, "cwd": cwd, "umask": umask,
                           "argv": argv}).encode()
     socket.send_fds(sock, [_HEADER.pack(len(request))], list(stdio))
     sock.sendall(request)
@@ -125,10 +128,10 @@ def _exit_code(sock: socket.socket) -> int | None:
         return None
 
 
-def _delegate(sock: socket.socket, kind: str) -> int:
-    """Have the warm engine fork a child that runs ``kind`` as this process would (its
-    arguments, environment, directory and stdio); relay signals; return its exit code."""
-    _send(sock, kind, sys.argv[1:], dict(os.environ), os.getcwd(), (0, 1, 2))
+def _delegate(sock: socket.socket, module: str, argv: list[str]) -> int:
+    """Have the warm engine fork a child that runs ``python -m MODULE ARGV`` as this process
+    would (its environment, directory and stdio); relay signals; return its exit code."""
+    _send(sock, module, argv, dict(os.environ), os.getcwd(), (0, 1, 2))
     for signum in _FORWARDED:  # the worker cancels a flow run by signalling us; Ctrl-C
         signal.signal(signum, lambda signum, _frame: _forward(sock, signum))
     code = _exit_code(sock)
@@ -150,25 +153,21 @@ def run_forked(path: Path | None, argv: list[str], env: dict[str, str], cwd: Pat
         return _exit_code(sock)
 
 
+def run_module_warm(home: Path, module: str, argv: list[str]) -> int | None:
+    """``python -m MODULE ARGV`` with this process's environment and terminal, forked from
+    the warm engine of the stack in ``home``; its exit code, or None if none answered."""
+    sock = _connect(socket_path(home))
+    if sock is None:
+        return None
+    return _delegate(sock, module, argv)
+
+
 def engine_client() -> int:
     """The pool's job command: this flow run, forked warm, or ``python -m prefect.engine``."""
     sock = _connect(os.environ.get(SOCKET_ENV))
     if sock is None:
         os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
-    return _delegate(sock, "engine")
-
-
-def cli() -> int:
-    """The ``sierra-prefect`` console script."""
-    if sys.argv[1:2] and sys.argv[1] in WARM_COMMANDS:
-        home = Path(os.environ.get(HOME_ENV) or default_home())
-        path = socket_path(home)
-        sock = _connect(path)
-        if sock is not None:
-            return _delegate(sock, "cli")
-    from sierra_prefect.cli import main
-
-    return main()
+    return _delegate(sock, "prefect.engine", sys.argv[1:])
 
 
 # -- the server: one per worker host, started by `sierra-prefect up` ----------------------
@@ -202,12 +201,12 @@ def forget_edited(package: str, since: float) -> bool:
 
 
 def _run_child(request: dict, stdio: list[int], warm_since: float) -> None:
-    """In the forked child: become what the client asked for, as if started afresh:
-    ``python -m prefect.engine`` for a flow run, a ``sierra-prefect`` command, or a
-    ``prefect`` command (``up``'s deploy)."""
+    """In the forked child: become ``python -m MODULE ARGV`` as the client asked, as if
+    started afresh: ``prefect.engine`` for a flow run, ``sierra_prefect.cli`` for a
+    ``sierra-prefect`` command, or ``prefect`` (``up``'s deploy)."""
     code = 1
     try:
-        for fd, target in zip(stdio, range(_STDIO)):
+        for fd, target in zip(stdio, range(_STDIO), strict=True):
             os.dup2(fd, target)
             os.close(fd)
         for signum in _FORWARDED:
@@ -218,7 +217,7 @@ def _run_child(request: dict, stdio: list[int], warm_since: float) -> None:
         os.umask(request.get("umask", 0o022))
         os.environ.clear()
         os.environ.update(request["env"])
-        kind = request.get("kind", "engine")
+        module = request["module"]
         forget_edited("flows", warm_since)
 
         import runpy
@@ -228,20 +227,10 @@ def _run_child(request: dict, stdio: list[int], warm_since: float) -> None:
         # Settings as this flow run's environment says, not as the parent's. (Logging keeps
         # the parent's configuration: the worker's, which the job's environment shares.)
         prefect.context.refresh_global_settings_context()
-        if kind == "cli":
-            sys.argv = ["sierra-prefect", *request["argv"]]
-            from sierra_prefect.cli import main
-
-            code = main() or 0
-        elif kind == "prefect":  # as `python -m prefect ARGV`
-            sys.argv = ["prefect", *request["argv"]]
-            runpy.run_module("prefect", run_name="__main__", alter_sys=True)
-            code = 0
-        else:
-            sys.argv = ["prefect.engine", *request["argv"]]
-            sys.modules.pop("prefect.engine", None)  # run as __main__ afresh, as `python -m` does
-            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
-            code = 0
+        sys.argv = [module, *request["argv"]]
+        sys.modules.pop(module, None)  # run as __main__ afresh, as `python -m` does
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -271,9 +260,7 @@ def _session(conn: socket.socket, warm_since: float) -> None:
         _run_child(request, stdio, warm_since)
     for fd in stdio:
         os.close(fd)
-    kind = request.get("kind", "engine")
-    what = (f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}" if kind == "engine"
-            else f"{'sierra-prefect' if kind == 'cli' else 'prefect'} {' '.join(request['argv'][:3])}")
+    what = _describe(request)
     print(f"{what}: engine pid {engine}", flush=True)
     exited = os.pidfd_open(engine)
     watched = [conn, exited]
@@ -298,21 +285,34 @@ def _session(conn: socket.socket, warm_since: float) -> None:
             os.kill(engine, int(line))
 
 
+# How the warm engine's log names what a child runs (tests and people read it).
+_LOG_NAMES = {"sierra_prefect.cli": "sierra-prefect", "prefect": "prefect"}
+
+
+def _describe(request: dict) -> str:
+    module = request["module"]
+    if module == "prefect.engine":
+        return f"flow run {request['env'].get('PREFECT__FLOW_RUN_ID')}"
+    return f"{_LOG_NAMES.get(module, module)} {' '.join(request['argv'][:3])}"
+
+
 def serve(path: Path) -> None:
     """Import Prefect and the flow once, then fork a session per client, forever."""
     import time
 
     warm_since = time.time()  # flows/ as about to be imported (see forget_edited)
-    import prefect.flow_engine  # noqa: F401  what every flow run imports (not prefect.engine:
-    import flows.sierra_batch  # noqa: F401  that runs as __main__); the flow (cwd: the project)
-    # What `sierra-prefect run` and `check` import: libraries only, so the CLI's own code is
+    import threading
+
+    # What every flow run imports (not prefect.engine: that runs as __main__), and what
+    # `sierra-prefect run` and `check` import: libraries only, so the CLI's own code is
     # always read afresh from the checkout.
-    import prefect.deployments  # noqa: F401
+    import prefect.deployments
+    import prefect.flow_engine  # noqa: F401
     import pydantic_settings  # noqa: F401
     import rich.progress  # noqa: F401
     import typer  # noqa: F401
 
-    import threading
+    import flows.sierra_batch  # noqa: F401  the flow (cwd: the project)
 
     if threading.active_count() != 1:  # fork() only copies the calling thread
         raise SystemExit(f"warm engine: {threading.active_count()} threads after import; cannot fork safely")
@@ -343,6 +343,80 @@ def serve(path: Path) -> None:
             finally:
                 os._exit(0)
         conn.close()
+
+
+# -- its lifecycle in a stack: `sierra-prefect up` starts it, `down` stops it -------------------
+
+
+class WarmEngine:
+    """The warm engine of the stack in ``settings.home``: start, ready, stop.
+
+    Its record lives in the stack's state (``state.warm_engine``); ``save`` persists the
+    state right after a start, so a failing ``up`` still leaves a pid ``down`` can stop."""
+
+    ROLE = "warm-engine"
+
+    def __init__(self, settings: Settings, state: StackState, say: Callable[[str], None],
+                 save: Callable[[], None]) -> None:
+        self.settings, self.state, self.say, self.save = settings, state, say, save
+        self.path = socket_path(settings.home)
+
+    def is_current(self) -> bool:
+        """Running, or impossible here (a home too long for a socket path)."""
+        record = self.state.warm_engine
+        return self.path is None or bool(record and record.is_running())
+
+    def start(self, env: dict[str, str], project: Path, restart: bool) -> None:
+        """Start it unless it runs and the flow code is unchanged (``restart``: it holds
+        flows/ imported); returns at once, see ``wait_ready``."""
+        from sierra_prefect.processes import ProcessRecord
+
+        if self.path is None:
+            self.say(f"no warm engine: {self.settings.home} is too long a path for a Unix "
+                     "socket; flow runs start cold (~2 s more each)")
+            return
+        running = self.state.warm_engine
+        if running and running.is_running():
+            if not restart:
+                self.say(f"warm engine already running (pid {running.pid})")
+                return
+            self.say(f"flow code changed: restarting the warm engine (pid {running.pid})")
+            running.stop()
+        record = ProcessRecord.spawn(
+            self.ROLE, [sys.executable, "-m", "sierra_prefect.warm_engine", "serve", str(self.path)],
+            env, self.settings.logs_dir / "warm-engine.log", project,
+        )
+        self.state.warm_engine = record
+        self.save()
+        self.say(f"starting warm engine (pid {record.pid})")
+
+    def wait_ready(self) -> Path | None:
+        """Its socket, once it listens. Without it flow runs and the deploy just start
+        cold, so a failure here is a warning, never a failed ``up``."""
+        from sierra_prefect.errors import ShimError
+        from sierra_prefect.processes import wait_for
+
+        record = self.state.warm_engine
+        if record is None or self.path is None:
+            return None
+        path = self.path
+        try:
+            wait_for(lambda: is_listening(path), self.settings.worker_start_timeout, record,
+                     "warm engine")
+        except ShimError as exc:
+            self.say(f"warning: {exc}; flow runs start cold")
+            return None
+        return path
+
+    def stop(self) -> list[str]:
+        """Stop it and remove its socket; a line for ``down`` (none if there was none)."""
+        record, self.state.warm_engine = self.state.warm_engine, None
+        lines = [record.stop_and_report()] if record else []
+        # The engine removes a stale socket when it starts, but nothing else does: a
+        # stopped stack leaves no socket behind.
+        if self.path is not None and self.path.is_socket():
+            self.path.unlink(missing_ok=True)
+        return lines
 
 
 def main(argv: list[str]) -> int:
