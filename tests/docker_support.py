@@ -213,11 +213,10 @@ def flow_run_count(api_url: str, deployment: str) -> int:
 
 
 def workers_online(api_url: str, pool: str) -> list[str]:
-    response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=10)
-    if response.status_code == 404:
-        return []
-    response.raise_for_status()
-    return sorted(w["name"] for w in response.json() if str(w.get("status", "")).upper() == "ONLINE")
+    from sierra_prefect.connection import Connection
+    from sierra_prefect.worker import workers_online as online
+
+    return online(Connection(api_url), pool)
 
 
 def pool_types(api_url: str) -> dict[str, str]:
