@@ -400,7 +400,7 @@ def median(values: Iterable[float | None]) -> float | None:
 
 def pairwise_ratios(ours: list[float | None], base: list[float | None]) -> list[float]:
     """ours[i] / base[i] for every repeat i where both were measured."""
-    return [o / b for o, b in zip(ours, base) if o is not None and b not in (None, 0)]
+    return [o / b for o, b in zip(ours, base, strict=True) if o is not None and b not in (None, 0)]
 
 
 def machine_info() -> dict:
@@ -411,7 +411,7 @@ def machine_info() -> dict:
         from importlib.metadata import version
 
         sierra_version = version("sierra-research")
-    except Exception:
+    except Exception:  # optional
         sierra_version = None
     try:
         parallel_version = subprocess.run(

@@ -95,7 +95,8 @@ def build_rows(results: dict) -> list[Row]:
         cell, base, f"vs tag: {_ratio(o, t)}; vs GCL: {_ratio(o, g)}", ours_samples=o)
     cell, base, o, t, g = three("span")
     rows["concurrency_span"] = Row(
-        "concurrency_span", "1", f"Concurrency: span of the runs, first start to last end (s); ideal {ideal:.1f}",
+        "concurrency_span", "1",
+        f"Concurrency: span of the runs, first start to last end (s); ideal {ideal:.1f}",
         cell, base, f"vs tag: {_ratio(o, t)}; vs GCL: {_ratio(o, g)}", ours_samples=o)
     cell, base, o, t, g = three("efficiency")
     med = median(o)
@@ -142,7 +143,8 @@ def build_rows(results: dict) -> list[Row]:
     o = _values(tr, "latency")
     med = median(o)
     rows["trigger_latency"] = Row(
-        "trigger_latency", "3", "Trigger latency: `sierra-prefect run` to the first run starting, warm stack (s)",
+        "trigger_latency", "3",
+        "Trigger latency: `sierra-prefect run` to the first run starting, warm stack (s)",
         _cell(o), target="≤ 2 s", met=_met(None if med is None else med <= 2.0), ours_samples=o)
 
     # 4. Bring-up
@@ -154,7 +156,8 @@ def build_rows(results: dict) -> list[Row]:
     o = list(b.get("cold", []))
     med = median(o)
     rows["bringup_cold"] = Row(
-        "bringup_cold", "4", "Bring-up cold: `sierra-prefect up`, fresh state (migrated empty database cached), to healthy and deployed (s)",
+        "bringup_cold", "4", "Bring-up cold: `sierra-prefect up`, fresh state (migrated empty database "
+        "cached), to healthy and deployed (s)",
         _cell(o, 1), target="≤ 15 s", met=_met(None if med is None else med <= 15.0), ours_samples=o)
     o = list(b.get("warm", []))
     med = median(o)
@@ -189,7 +192,8 @@ def build_rows(results: dict) -> list[Row]:
                              _cell(o, 0), ours_samples=o)
     o = [x.get("worker_mib") for x in rss]
     rows["rss_worker"] = Row("rss_worker", "6",
-                             "Peak RSS of the worker side (worker, warm engine, flow-run process, runs; RSS summed, an upper bound), same batch (MiB)",
+                             "Peak RSS of the worker side (worker, warm engine, flow-run process, runs; "
+                             "RSS summed, an upper bound), same batch (MiB)",
                              _cell(o, 0), ours_samples=o)
     return [rows[k] for k in ROW_KEYS]
 
@@ -252,7 +256,8 @@ def write_markdown(results: dict, rows: list[Row], out: Path, plot: Path | None,
         "(see [benchmarks/README.md](benchmarks/README.md)); do not edit by hand.",
         "",
         f"- run: {results['started']} → {results['finished']} "
-        f"({results['elapsed_seconds'] / 60:.1f} min){' — **smoke mode: tiny sizes, figures meaningless**' if cfg['smoke'] else ''}",
+        f"({results['elapsed_seconds'] / 60:.1f} min)"
+        + (" — **smoke mode: tiny sizes, figures meaningless**" if cfg["smoke"] else ""),
         f"- machine: {m['cores']} cores ({m['cores_usable']} usable), {m['cpu_model'] or 'unknown CPU'}, "
         f"{m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}",
         f"- software: Prefect {m['prefect']}, sierra-research {m['sierra_research']}, {m['gnu_parallel']}",
@@ -370,8 +375,10 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> None:
     def bars(ax, labels, series, colors, ylabel, title, target=None, target_label=None, digits=2):
         meds = [median(s) for s in series]
         heights = [m or 0 for m in meds]
-        lows = [h - min((x for x in s if x is not None), default=h) for h, s in zip(heights, series)]
-        highs = [max((x for x in s if x is not None), default=h) - h for h, s in zip(heights, series)]
+        lows = [h - min((x for x in s if x is not None), default=h)
+                for h, s in zip(heights, series, strict=True)]
+        highs = [max((x for x in s if x is not None), default=h) - h
+                 for h, s in zip(heights, series, strict=True)]
         ax.bar(labels, heights, color=colors, yerr=[lows, highs], capsize=4)
         for i, m in enumerate(meds):
             # The median's value, just right of the bar's top (clear of the range bar).
@@ -403,7 +410,7 @@ def write_plot(results: dict, rows: list[Row], path: Path) -> None:
     ax = axes[0, 2]
     bottom = 0.0
     colors = ["#08519c", "#3182bd", "#6baed6", "#bdd7e7"]
-    for (key, label), color in zip(PHASES, colors):
+    for (key, label), color in zip(PHASES, colors, strict=True):  # one color per phase
         val = median(_values(tr, key)) or 0.0
         ax.bar([0], [val], bottom=[bottom], color=color, label=label, width=0.5)
         bottom += val

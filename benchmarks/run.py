@@ -29,8 +29,13 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.common import Stack
 
 FULL = dict(concurrency_n=64, concurrency_seconds=0.5, cap=4, overhead_n=2000,
             sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0)
@@ -112,96 +117,150 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the run like Ctrl-C does: through the finally that brings stacks down.
     signal.signal(signal.SIGTERM, _interrupt)
 
-    from benchmarks import bringup, common, concurrency, overhead, report, sierra_e2e, trigger_latency
-    from benchmarks.common import Stack, log, loadavg, machine_info
+    from benchmarks import common
+    from benchmarks.common import loadavg, log, machine_info
 
     common.WAIT_FOR_QUIET_SERVER = not args.smoke
 
-    sizes = SMOKE if args.smoke else FULL
-    repeat = args.repeat or (1 if args.smoke else 3)
-    builtin = (not args.smoke) if args.builtin is None else args.builtin
-    config = {**sizes, "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
-              "builtin": builtin}
-    out = args.out.resolve()
-    plot = (args.plot or out.parent / "benchmarks" / "plot.png").resolve()
+    config = _config(args)
     started = time.time()
     results: dict = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config, "machine": machine_info(), "load_before": loadavg(),
         "work_dir": str(work), "errors": [],
     }
-    log(f"work dir {work}; sizes {sizes}; repeat {repeat}")
+    log(f"work dir {work}; sizes {_sizes(args)}; repeat {config['repeat']}")
     stacks: list[Stack] = []
-    stack: Stack | None = None
-
-    def attempt(item: str, fn) -> None:
-        if item not in args.only:
-            return
-        if item != "bringup" and stack is None:
-            results["errors"].append(f"{item}: not measured, no stack is up")
-            return
-        t = time.monotonic()
-        load_before = loadavg()
-        try:
-            results[item] = fn()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one failed item must not hide the others
-            tail = "".join(traceback.format_exception(exc)).strip().splitlines()[-6:]
-            results["errors"].append(f"{item}: {exc.__class__.__name__}: {str(exc)[:500]}")
-            log(f"{item} FAILED:\n" + "\n".join(tail))
-        results.setdefault("item_load", {})[item] = {
-            "before": load_before, "after": loadavg(), "seconds": round(time.monotonic() - t)}
-        log(f"{item} took {time.monotonic() - t:.0f} s")
-
     try:
-        if "bringup" in args.only:
-            def do_bringup():
-                nonlocal stack
-                samples, stack = bringup.measure(work, repeat, stacks)
-                return samples
-
-            attempt("bringup", do_bringup)
-        else:
-            stack = Stack(work / "stack" / "home")
-            stacks.append(stack)
-            stack.up()
-            stack.require_ready()
-        if stack is not None and not stack.is_up:
-            stack = None
-        c = config
-        jobs = [
-            ("concurrency", lambda: concurrency.measure(
-                stack, work, repeat, c["concurrency_n"], c["concurrency_seconds"], c["cap"],
-                c["tag_deadline"])),
-            ("trigger", lambda: trigger_latency.measure(stack, work, repeat)),
-            ("overhead", lambda: overhead.measure(stack, work, repeat, c["overhead_n"], c["cap"])),
-            ("sierra", lambda: sierra_e2e.measure(
-                stack, work, repeat, c["sierra_experiments"], c["sierra_runs"],
-                c["sierra_duration"], c["cap"], builtin=builtin)),
-        ]
-        if args.smoke:
-            # Smoke figures are meaningless anyway: run the measurements at the same
-            # time, so the test suite pays for the slowest one, not for all of them.
-            # A real run measures one thing at a time.
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-                for future in [pool.submit(attempt, item, fn) for item, fn in jobs]:
-                    future.result()
-        else:
-            for item, fn in jobs:
-                attempt(item, fn)
+        stack = _bring_up(args.only, work, config["repeat"], stacks, results)
+        _measure(_jobs(stack, work, config), args.only, stack, results, smoke=args.smoke)
     finally:
-        for s in stacks:
-            try:
-                s.down()
-            except Exception as exc:  # noqa: BLE001
-                results["errors"].append(f"down {s.home}: {exc}")
+        _bring_down(stacks, results)
         results["load_after"] = loadavg()
-        results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         results["elapsed_seconds"] = time.time() - started
 
+    _write_report(args, results)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    for e in results["errors"]:
+        log(f"error: {e}")
+    return 1 if results["errors"] else 0
+
+
+def _sizes(args: argparse.Namespace) -> dict:
+    return SMOKE if args.smoke else FULL
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The sizes and options this run measures with (recorded in the raw results)."""
+    repeat = args.repeat or (1 if args.smoke else 3)
+    builtin = (not args.smoke) if args.builtin is None else args.builtin
+    return {**_sizes(args), "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
+            "builtin": builtin}
+
+
+def _attempt(item: str, fn: Callable[[], dict], only: set[str], stack: Stack | None,
+             results: dict) -> None:
+    """Measure ``item`` into ``results[item]``; a failure is recorded in ``results["errors"]``."""
+    from benchmarks.common import loadavg, log
+
+    if item not in only:
+        return
+    if item != "bringup" and stack is None:
+        results["errors"].append(f"{item}: not measured, no stack is up")
+        return
+    t = time.monotonic()
+    load_before = loadavg()
+    try:
+        results[item] = fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one failed item must not hide the others
+        tail = "".join(traceback.format_exception(exc)).strip().splitlines()[-6:]
+        results["errors"].append(f"{item}: {exc.__class__.__name__}: {str(exc)[:500]}")
+        log(f"{item} FAILED:\n" + "\n".join(tail))
+    results.setdefault("item_load", {})[item] = {
+        "before": load_before, "after": loadavg(), "seconds": round(time.monotonic() - t)}
+    log(f"{item} took {time.monotonic() - t:.0f} s")
+
+
+def _bring_up(only: set[str], work: Path, repeat: int, stacks: list[Stack],
+              results: dict) -> Stack | None:
+    """The stack the measurements run against, or None if it is not up.
+
+    Measures bring-up if asked to (its last stack stays up); otherwise just starts one.
+    Every stack started is appended to ``stacks``, for the caller to bring down.
+    """
+    from benchmarks import bringup
+    from benchmarks.common import Stack
+
+    stack: Stack | None = None
+    if "bringup" in only:
+        def do_bringup():
+            nonlocal stack
+            samples, stack = bringup.measure(work, repeat, stacks)
+            return samples
+
+        _attempt("bringup", do_bringup, only, stack, results)
+    else:
+        stack = Stack(work / "stack" / "home")
+        stacks.append(stack)
+        stack.up()
+        stack.require_ready()
+    if stack is not None and not stack.is_up:
+        return None
+    return stack
+
+
+def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Callable[[], dict]]]:
+    """The measurements after bring-up, in the order a real run takes them."""
+    from benchmarks import concurrency, overhead, sierra_e2e, trigger_latency
+
+    c = config
+    return [
+        ("concurrency", lambda: concurrency.measure(
+            stack, work, c["repeat"], c["concurrency_n"], c["concurrency_seconds"], c["cap"],
+            c["tag_deadline"])),
+        ("trigger", lambda: trigger_latency.measure(stack, work, c["repeat"])),
+        ("overhead", lambda: overhead.measure(stack, work, c["repeat"], c["overhead_n"], c["cap"])),
+        ("sierra", lambda: sierra_e2e.measure(
+            stack, work, c["repeat"], c["sierra_experiments"], c["sierra_runs"],
+            c["sierra_duration"], c["cap"], builtin=c["builtin"])),
+    ]
+
+
+def _measure(jobs: list[tuple[str, Callable[[], dict]]], only: set[str], stack: Stack | None,
+             results: dict, smoke: bool) -> None:
+    if smoke:
+        # Smoke figures are meaningless anyway: run the measurements at the same
+        # time, so the test suite pays for the slowest one, not for all of them.
+        # A real run measures one thing at a time.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            for future in [pool.submit(_attempt, item, fn, only, stack, results) for item, fn in jobs]:
+                future.result()
+    else:
+        for item, fn in jobs:
+            _attempt(item, fn, only, stack, results)
+
+
+def _bring_down(stacks: list[Stack], results: dict) -> None:
+    for s in stacks:
+        try:
+            s.down()
+        except Exception as exc:  # bring the others down all the same
+            results["errors"].append(f"down {s.home}: {exc}")
+
+
+def _write_report(args: argparse.Namespace, results: dict) -> None:
+    """The raw results as JSON, the plot and the markdown report."""
+    from benchmarks import report
+    from benchmarks.common import log
+
+    out = args.out.resolve()
+    plot = (args.plot or out.parent / "benchmarks" / "plot.png").resolve()
     raw_dir = out.parent / "benchmarks" / "results"
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
@@ -209,17 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.build_rows(results)
     try:
         report.write_plot(results, rows, plot)
-    except Exception as exc:  # noqa: BLE001 - the table is still worth writing
+    except Exception as exc:  # the table is still worth writing
         results["errors"].append(f"plot: {exc.__class__.__name__}: {exc}")
         plot = None
     notes = NOTES.read_text() if NOTES.is_file() and not args.smoke else None
     report.write_markdown(results, rows, out, plot, notes)
     log(f"wrote {out}, {plot}, {raw} in {results['elapsed_seconds'] / 60:.1f} min")
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    for e in results["errors"]:
-        log(f"error: {e}")
-    return 1 if results["errors"] else 0
 
 
 if __name__ == "__main__":

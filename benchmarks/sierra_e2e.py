@@ -102,7 +102,44 @@ def measure(stack: Stack, work: Path, repeats: int, n_experiments: int, n_runs: 
     root.parent.mkdir(parents=True, exist_ok=True)
     common = ["--exec-jobs-per-node", str(cap)]
 
-    # Stage 1, once: the batch the three environments run.
+    stage1 = _run_stage1(ss, root, work, n_experiments, n_runs, duration, common, timeout)
+    batch = ss.find_batch_root(root)
+    outputs = ss.expected_outputs(batch)
+    run_csvs = [p.with_name("run.csv") for p in outputs]
+    log(f"SIERRA stage 1: {len(outputs)} runs in {stage1.elapsed:.1f} s")
+
+    mode, why = _builtin_mode(builtin)
+    builtin_env = _prepare_builtin(work / "sierra" / "builtin", ss) if mode != "skipped" else None
+
+    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        for variant in order:
+            skipped = _builtin_skip_reason(variant, mode, why)
+            if skipped:
+                samples[variant].append({"ok": False, "skipped": skipped, "wall": None})
+                continue
+            argv = ss.sierra_argv(root, execenv=EXECENV[variant], n_runs=n_runs,
+                                  n_experiments=n_experiments, stages=(2,), extra_args=common)
+            argv, env = _variant_command(ss, variant, argv, stack, builtin_env, mode)
+            log_path = work / "sierra" / f"stage2-{r}-{variant}.log"
+            sample = _measure_stage2(stack, argv, env, root.parent, log_path, timeout,
+                                     outputs, run_csvs, watch=(variant == "builtin"))
+            samples[variant].append(sample)
+            log(f"SIERRA {r + 1}/{repeats} {EXECENV[variant]}: stage 2 {sample['wall']:.2f} s, "
+                f"ok {sample['ok']} ({sample['missing_outputs']} outputs missing)"
+                + (f", stopped {len(sample.get('stopped', []))} leftover processes"
+                   if variant == "builtin" else ""))
+    return {
+        "n_experiments": n_experiments, "n_runs": n_runs, "duration": duration, "cap": cap,
+        "stage1_seconds": stage1.elapsed, "builtin_mode": mode, "builtin_why": why,
+        "variants": samples,
+    }
+
+
+def _run_stage1(ss, root: Path, work: Path, n_experiments: int, n_runs: int, duration: float,
+                common: list[str], timeout: float):
+    """Stage 1, once: the batch the three environments run."""
     stage1 = ss.run_sierra(
         root, execenv="hpc.local", n_runs=n_runs, n_experiments=n_experiments, stages=(1,),
         extra_args=[*common, "--toysim-duration", str(duration)],
@@ -111,67 +148,59 @@ def measure(stack: Stack, work: Path, repeats: int, n_experiments: int, n_runs: 
     )
     if stage1.returncode != 0:
         raise RuntimeError(f"SIERRA stage 1 failed (see {stage1.log_path}): {ss.log_tail(stage1, 15)}")
-    batch = ss.find_batch_root(root)
-    outputs = ss.expected_outputs(batch)
-    run_csvs = [p.with_name("run.csv") for p in outputs]
-    log(f"SIERRA stage 1: {len(outputs)} runs in {stage1.elapsed:.1f} s")
+    return stage1
 
-    mode, why = "skipped", "not requested (the default with --smoke; --builtin runs it)"
-    if builtin:
-        if netns_available():
-            mode, why = "netns", "own network namespace (loopback only)"
-        elif port_free(BUILTIN_PORT):
-            mode, why = "host", f"host network, 127.0.0.1:{BUILTIN_PORT} was free"
-        else:
-            mode, why = "skipped", (f"127.0.0.1:{BUILTIN_PORT} is taken by another program "
-                                    "and no network namespace is available")
-    builtin_env = _prepare_builtin(work / "sierra" / "builtin", ss) if mode != "skipped" else None
 
-    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
-        for variant in order:
-            if variant == "builtin" and mode == "skipped":
-                samples[variant].append({"ok": False, "skipped": why, "wall": None})
-                continue
-            if variant == "builtin" and mode == "host" and not port_free(BUILTIN_PORT):
-                samples[variant].append({"ok": False, "wall": None, "skipped":
-                                         f"127.0.0.1:{BUILTIN_PORT} became taken"})
-                continue
-            for path in (*outputs, *run_csvs):
-                path.unlink(missing_ok=True)
-            argv = ss.sierra_argv(root, execenv=EXECENV[variant], n_runs=n_runs,
-                                  n_experiments=n_experiments, stages=(2,), extra_args=common)
-            if variant == "ours":
-                env = ss.sierra_env(base=stack.env)
-            elif variant == "hpc":
-                env = ss.sierra_env(base=clean_env())
-            else:
-                env = builtin_env
-                if mode == "netns":
-                    argv = ["unshare", "--net", "--", "sh", "-c",
-                            'ip link set lo up && exec "$@"', "sh", *argv]
-            log_path = work / "sierra" / f"stage2-{r}-{variant}.log"
-            wait_server_quiet(stack)
-            sample = _stage2(argv, env, root.parent, log_path, timeout,
-                             watch=(variant == "builtin"))
-            missing = [p for p in outputs if not p.is_file()]
-            sample["missing_outputs"] = len(missing)
-            sample["ok"] = sample["exit_code"] == 0 and not missing
-            intervals = _run_intervals(run_csvs)
-            if intervals:
-                sample["runs_span"] = max(e for _, e in intervals) - min(s for s, _ in intervals)
-                sample["runs_max_at_once"] = max_at_once(intervals)
-            samples[variant].append(sample)
-            log(f"SIERRA {r + 1}/{repeats} {EXECENV[variant]}: stage 2 {sample['wall']:.2f} s, "
-                f"ok {sample['ok']} ({len(missing)} outputs missing)"
-                + (f", stopped {len(sample.get('stopped', []))} leftover processes"
-                   if variant == "builtin" else ""))
-    return {
-        "n_experiments": n_experiments, "n_runs": n_runs, "duration": duration, "cap": cap,
-        "stage1_seconds": stage1.elapsed, "builtin_mode": mode, "builtin_why": why,
-        "variants": samples,
-    }
+def _builtin_mode(builtin: bool) -> tuple[str, str]:
+    """How the built-in environment runs (netns, host or skipped), and why."""
+    if not builtin:
+        return "skipped", "not requested (the default with --smoke; --builtin runs it)"
+    if netns_available():
+        return "netns", "own network namespace (loopback only)"
+    if port_free(BUILTIN_PORT):
+        return "host", f"host network, 127.0.0.1:{BUILTIN_PORT} was free"
+    return "skipped", (f"127.0.0.1:{BUILTIN_PORT} is taken by another program "
+                       "and no network namespace is available")
+
+
+def _builtin_skip_reason(variant: str, mode: str, why: str) -> str | None:
+    """Why this repeat of ``variant`` is not run, or None if it runs."""
+    if variant != "builtin":
+        return None
+    if mode == "skipped":
+        return why
+    if mode == "host" and not port_free(BUILTIN_PORT):
+        return f"127.0.0.1:{BUILTIN_PORT} became taken"
+    return None
+
+
+def _variant_command(ss, variant: str, argv: list[str], stack: Stack, builtin_env: dict | None,
+                     mode: str) -> tuple[list[str], dict]:
+    """The argv and environment stage 2 runs with in ``variant``."""
+    if variant == "ours":
+        return argv, ss.sierra_env(base=stack.env)
+    if variant == "hpc":
+        return argv, ss.sierra_env(base=clean_env())
+    if mode == "netns":
+        argv = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *argv]
+    return argv, builtin_env
+
+
+def _measure_stage2(stack: Stack, argv: list[str], env: dict, cwd: Path, log_path: Path,
+                    timeout: float, outputs: list[Path], run_csvs: list[Path], watch: bool) -> dict:
+    """One timed stage 2 on a batch with no outputs, then which outputs it wrote and when."""
+    for path in (*outputs, *run_csvs):
+        path.unlink(missing_ok=True)
+    wait_server_quiet(stack)
+    sample = _stage2(argv, env, cwd, log_path, timeout, watch=watch)
+    missing = [p for p in outputs if not p.is_file()]
+    sample["missing_outputs"] = len(missing)
+    sample["ok"] = sample["exit_code"] == 0 and not missing
+    intervals = _run_intervals(run_csvs)
+    if intervals:
+        sample["runs_span"] = max(e for _, e in intervals) - min(s for s, _ in intervals)
+        sample["runs_max_at_once"] = max_at_once(intervals)
+    return sample
 
 
 def _prepare_builtin(base: Path, ss) -> dict:

@@ -111,11 +111,12 @@ def _start_engine() -> tuple[bool, str]:
         result = subprocess.run([str(ENGINE_SCRIPT), "start"], capture_output=True, text=True,
                                 timeout=180, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        pytest.skip("Docker tests skipped: no engine answers and scripts/docker-engine.sh start "
-                    "did not finish within 180 s")
+        pytest.skip("Docker tests skipped: no Docker engine answers, and scripts/docker-engine.sh start "
+                    "(dockerd from apt-get install docker.io) did not finish within 180 s")
     if result.returncode != 0:
-        pytest.skip("Docker tests skipped: no engine answers and none could be started "
-                    f"(scripts/docker-engine.sh start: {_tail(result.stderr, 3)})")
+        pytest.skip("Docker tests skipped: no Docker engine answers and none could be started "
+                    "(scripts/docker-engine.sh start, dockerd from apt-get install docker.io: "
+                    f"{' / '.join(_tail(result.stderr, 3).splitlines())})")
     line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     host = line.partition("=")[2] or DEFAULT_SOCKET
     # The script may also have found an engine already running elsewhere (e.g. DOCKER_HOST
@@ -348,5 +349,5 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 2)  # Ctrl-C: the shim cancels its flow run
         out, err = proc.communicate(timeout=90)
-        raise AssertionError(f"{proc.args} did not finish within {timeout} s:\n{err[-3000:]}")
+        raise AssertionError(f"{proc.args} did not finish within {timeout} s:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

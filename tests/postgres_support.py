@@ -23,9 +23,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -127,17 +127,20 @@ class PostgresServer:
 def _skip_reason() -> str | None:
     if os.geteuid() != 0 and not os.environ.get("SIERRA_PREFECT_TEST_PG_AS_SELF"):
         # runuser needs root; an unprivileged test user would need its own variant.
-        return "running PostgreSQL as another user needs root (runuser)"
+        return "running PostgreSQL as another user needs root (runuser): run the tests as root"
     if shutil.which("runuser") is None:
-        return "runuser is not installed"
+        return "runuser is not installed (apt-get install util-linux)"
     if postgres_bindir() is None:
-        return "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+        return ("PostgreSQL server binaries (initdb, pg_ctl) are not installed "
+                "(apt-get install postgresql, or scripts/setup.sh --test)")
     if unprivileged_user() is None:
-        return f"no unprivileged system user to run PostgreSQL as (tried {', '.join(CANDIDATE_USERS)})"
+        return (f"no unprivileged system user to run PostgreSQL as (tried {', '.join(CANDIDATE_USERS)}; "
+                "apt-get install postgresql creates the postgres user)")
     try:
         import asyncpg  # noqa: F401  (Prefect's PostgreSQL driver)
     except ImportError:
-        return "asyncpg (Prefect's PostgreSQL driver) is not installed in this venv"
+        return ("asyncpg (Prefect's PostgreSQL driver) is not installed in this venv "
+                "(scripts/setup.sh installs it, with Prefect)")
     return None
 
 
@@ -184,8 +187,9 @@ def start_postgres() -> Iterator[PostgresServer]:
             "--no-sync", check=False, timeout=120,
         )
         if init.returncode != 0:
-            pytest.skip(f"PostgreSQL unavailable: initdb as {user.pw_name} failed: "
-                        f"{init.stderr.strip().splitlines()[-1:]}")
+            pytest.skip(f"PostgreSQL unavailable: initdb as {user.pw_name} failed "
+                        "(PostgreSQL from apt-get install postgresql): "
+                        f"{(init.stderr.strip().splitlines() or ['no output'])[-1]}")
         # A port chosen free can be taken before the server binds it: retry a few times.
         for attempt in range(3):
             server.port = _free_port()

@@ -57,7 +57,7 @@ def test_smoke_run_writes_every_row_and_the_plot(tmp_path):
     rows = build_rows(results)
     assert [r.key for r in rows] == list(ROW_KEYS)
     assert len(table) == len(ROW_KEYS), "\n".join(table)
-    for row, line in zip(rows, table):
+    for row, line in zip(rows, table, strict=True):
         assert f"| {row.item} | {row.metric} |" in line
         # Every row was measured (a skipped baseline may say so, ours may not be n/a).
         assert not line.split(" | ")[2].startswith("n/a"), line

@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 from flows.summary import BatchSummary
-from tests.helpers import PROJECT, base_env, make_batch, sierra_prefect, wait_until
 from tests.docker_support import (
     SESSION_ID,
     TEST_REPO,
@@ -41,9 +40,10 @@ from tests.docker_support import (
     owners,
     pool_types,
     start_batch,
-    world_writable_dir,
     workers_online,
+    world_writable_dir,
 )
+from tests.helpers import PROJECT, base_env, make_batch, sierra_prefect, wait_until
 
 # compose_early: the compose server's first start overlaps the stack's (see docker_support).
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.usefixtures("compose_early")]

@@ -25,18 +25,18 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Iterator
 from uuid import UUID
 
 import httpx
 import psutil
 import pytest
 
-from tests.helpers import CLI, prefect_version, StackHandle, base_env, make_batch, sierra_prefect, wait_until
+from tests.helpers import CLI, StackHandle, base_env, make_batch, prefect_version, sierra_prefect, wait_until
 from tests.postgres_support import PostgresServer
 
 FLOW_RUN_LINE = re.compile(r"flow run \S+ \(([0-9a-f-]{36})\) of ")
@@ -53,9 +53,12 @@ class Started:
     env: dict[str, str]
     up: subprocess.CompletedProcess
 
+    def assert_up(self) -> None:
+        assert self.up.returncode == 0, f"up exited {self.up.returncode}:\n{self.up.stdout}\n{self.up.stderr}"
+
     @cached_property
     def handle(self) -> StackHandle:
-        assert self.up.returncode == 0, f"up exited {self.up.returncode}:\n{self.up.stdout}\n{self.up.stderr}"
+        self.assert_up()
         status = json.loads(sierra_prefect("status", "--json", env=self.env, check=True).stdout)
         return StackHandle(home=self.home, env=self.env, api_url=status["api_url"])
 
@@ -131,7 +134,8 @@ def stack_pids(status: dict) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def pg_stack(postgres: PostgresServer, tmp_path_factory) -> Iterator[tuple[StackHandle, subprocess.CompletedProcess]]:
+def pg_stack(postgres: PostgresServer,
+             tmp_path_factory) -> Iterator[tuple[StackHandle, subprocess.CompletedProcess]]:
     home = tmp_path_factory.mktemp("pg-home")
     env = base_env(home)
     try:
@@ -221,7 +225,7 @@ def test_ten_batches_triggered_at_once(pg_stack, postgres, tmp_path):
           f"(PostgreSQL): all done in {wall:.1f} s wall")
 
     ids = set()
-    for c, (proc, (stdout, stderr)) in enumerate(zip(procs, results)):
+    for c, (proc, (stdout, stderr)) in enumerate(zip(procs, results, strict=True)):
         assert proc.returncode == 0, f"client {c} exited {proc.returncode}:\n{stderr}"
         summary = json.loads(stdout)
         assert (summary["total"], summary["succeeded"]) == (runs, runs), summary
@@ -273,6 +277,10 @@ def online(stack, name: str) -> bool:
     return name in pools.get("sierra-pool", {}).get("workers_online", [])
 
 
+def online_or_exited(stack, name: str, worker: subprocess.Popen) -> bool:
+    return online(stack, name) or worker.poll() is not None
+
+
 def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
     """`run --spread 3` on the PostgreSQL server, with two more workers started the stock way
     (separate processes, names and working directories, an activated venv)."""
@@ -280,10 +288,9 @@ def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
     workers = [start_stock_worker(stack, f"extra-worker-{i}", tmp_path / f"host{i}") for i in range(2)]
     try:
         for i, worker in enumerate(workers):
-            log = tmp_path / f"host{i}" / "worker.log"
-            wait_until(lambda: online(stack, f"extra-worker-{i}") or worker.poll() is not None, 240,
-                       f"extra-worker-{i} online")
-            assert worker.poll() is None, f"extra-worker-{i} exited:\n{log.read_text()[-3000:]}"
+            name, log = f"extra-worker-{i}", tmp_path / f"host{i}" / "worker.log"
+            wait_until(partial(online_or_exited, stack, name, worker), 240, f"{name} online")
+            assert worker.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
         who = tmp_path / "who"
         who.mkdir()
         commands = [f"sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
@@ -332,7 +339,7 @@ def test_two_stacks_side_by_side_stay_independent(tmp_path):
     try:
         # Both brought up at once.
         for started in up_at_once(*[(home, [], {}) for home in homes]):
-            started.handle
+            started.assert_up()
         a, b = (json.loads(sierra_prefect("status", "--json", env=env, check=True).stdout) for env in envs)
         assert a["healthy"] and b["healthy"]
         assert a["api_url"] != b["api_url"]
@@ -342,7 +349,7 @@ def test_two_stacks_side_by_side_stay_independent(tmp_path):
 
         # A batch on each runs on its own stack only.
         own: list[str] = []
-        for name, env in zip("ab", envs):
+        for name, env in zip("ab", envs, strict=True):
             out = tmp_path / f"out-{name}"
             batch, scratch = make_batch(tmp_path / name, [f"echo {name} > {out}"])
             result = run_batch(env, batch, scratch)
@@ -389,7 +396,8 @@ def side_stacks(tmp_path_factory) -> Iterator[dict[str, tuple[Started, object]]]
     }
     try:
         started = up_at_once(*(spec for spec, _ in specs.values()))
-        yield {name: (stack, extra) for name, stack, (_, extra) in zip(specs, started, specs.values())}
+        yield {name: (stack, extra)
+               for name, stack, (_, extra) in zip(specs, started, specs.values(), strict=True)}
     finally:
         # Whatever happened to `up` (even a timeout), stop what it recorded in each home.
         for (home, _, extra_env), _ in specs.values():
@@ -428,7 +436,8 @@ def test_exposing_the_server_without_an_auth_string_is_refused(tmp_path):
     # Nothing was started: no server log, no recorded process, nothing running in the home.
     assert not (home / "logs" / "server.log").exists()
     status = json.loads(sierra_prefect("status", "--json", env=env).stdout)
-    assert status["pids"] == {"server": None, "workers": [], "warm_engine": None} and status["api_url"] is None
+    assert status["pids"] == {"server": None, "workers": [], "warm_engine": None}
+    assert status["api_url"] is None
     ours = []
     for proc in psutil.process_iter(["pid", "cwd"]):
         cwd = proc.info.get("cwd")
@@ -457,7 +466,8 @@ def test_auth_string_guards_the_server_and_never_leaks(exposed, tmp_path):
     api_url = report["api_url"]
     assert api_url.startswith("http://127.0.0.1:")  # clients here connect via loopback
     port = int(api_url.rsplit(":", 1)[1].split("/")[0])
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(report["pids"]["server"]).net_connections("inet")
+    server = psutil.Process(report["pids"]["server"])
+    listening = {(c.laddr.ip, c.laddr.port) for c in server.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN}
     assert ("0.0.0.0", port) in listening, listening
 
@@ -639,12 +649,14 @@ def tmpfs() -> Iterator:
 
     def mount(path: Path, options: str) -> Path:
         if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
+            pytest.skip("mounting a tmpfs needs root: run the tests as root")
         path.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+            error = " / ".join(result.stderr.strip().splitlines())
+            pytest.skip("cannot mount a tmpfs here: it needs CAP_SYS_ADMIN (a container run with "
+                        f"--cap-add SYS_ADMIN or --privileged): {error}")
         mounted.append(path)
         return path
 
