@@ -269,33 +269,63 @@ def task_counts(client, flow_run_id: UUID) -> dict[str, int]:
 
 
 def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, ui_url: str) -> Outcome:
-    """Wait for the flow run to end, showing progress; Ctrl-C cancels it."""
-    try:
-        state = _watch(client, flow_run_id, total, done, console)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
-        state = cancel(client, flow_run_id)
-    summary = read_summary(client, flow_run_id)
+    """Wait for the flow run to end, showing progress; Ctrl-C cancels it.
+
+    The last progress shown comes from the flow's summary, not from the polls: the server
+    records task-run states asynchronously (events), so the poll that sees the flow run
+    final may still count some finished runs as running.
+    """
+    with _ProgressView(console, total, done) as view:
+        try:
+            state = _poll(client, flow_run_id, view.show)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
+            state = cancel(client, flow_run_id)
+        summary = read_summary(client, flow_run_id)
+        if summary is not None:
+            view.finish(summary)
     return Outcome(flow_run_id, state.type.value, state.message, summary, ui_url)
 
 
-def _watch(client, flow_run_id: UUID, total: int, skipped: int, console: Console):
-    if console.is_terminal:
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn()]
-        with Progress(*columns, console=console, transient=False) as progress:
-            bar = progress.add_task("runs", total=total, completed=skipped, failed=0)
-            return _poll(client, flow_run_id, lambda ok, bad: progress.update(
-                bar, completed=skipped + ok + bad, failed=bad))
-    last: list[tuple[int, int]] = []
+class _ProgressView:
+    """Runs done so far: a bar on a terminal, else a line each time the counts change."""
 
-    def line(ok: int, bad: int) -> None:
-        if [(ok, bad)] != last:
-            last[:] = [(ok, bad)]
-            console.print(f"progress: {skipped + ok + bad}/{total} runs done "
-                          f"({bad} failed, {skipped} skipped)")
+    def __init__(self, console: Console, total: int, skipped: int) -> None:
+        self.console, self.total, self.skipped = console, total, skipped
+        self._last: tuple[int, int, int, int] | None = None
+        self._progress: Progress | None = None
+        if console.is_terminal:
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn()]
+            self._progress = Progress(*columns, console=console, transient=False)
+            self._bar = self._progress.add_task("runs", total=total, completed=skipped, failed=0)
 
-    return _poll(client, flow_run_id, line)
+    def __enter__(self) -> _ProgressView:
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress:
+            self._progress.stop()
+
+    def show(self, ok: int, bad: int) -> None:
+        """Counts of runs finished in this flow run (on top of the skipped ones)."""
+        self._draw(self.total, self.skipped, ok, bad)
+
+    def finish(self, summary: BatchSummary) -> None:
+        """The final counts: what the flow run reports it finished."""
+        self._draw(summary.total, summary.skipped, summary.succeeded, summary.failed)
+
+    def _draw(self, total: int, skipped: int, ok: int, bad: int) -> None:
+        if (total, skipped, ok, bad) == self._last:
+            return
+        self._last = (total, skipped, ok, bad)
+        if self._progress:
+            self._progress.update(self._bar, total=total, completed=skipped + ok + bad, failed=bad)
+            return
+        self.console.print(f"progress: {skipped + ok + bad}/{total} runs done "
+                           f"({bad} failed, {skipped} skipped)")
 
 
 def _poll(client, flow_run_id: UUID, show) -> Any:
