@@ -106,3 +106,20 @@ def test_bad_input_fails_before_any_run(prefect_api, tmp_path):
     with pytest.raises(ValueError, match="scratch_root 'relative/scratch' is relative"):
         state.result()
     assert not (batch / "should-not-exist").exists()
+
+
+def test_commands_not_utf8_end_run_with_one_line(stack, tmp_path):
+    """Through the real CLI: the file, the line and the fix; nothing runs, nothing is removed."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    content = f"touch {tmp_path}/ran-0\ntouch {tmp_path}/ran-1 # caf\xe9\n".encode("latin-1")
+    (batch / "commands.txt").write_bytes(content)
+    scratch = tmp_path / "scratch"
+    result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root", str(scratch))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"sierra-prefect: error: '{batch / 'commands.txt'}' line 2 is not UTF-8 (byte 0xe9): "
+                     "save it as UTF-8 or regenerate it with SIERRA stage 1"], result.stderr
+    assert (batch / "commands.txt").read_bytes() == content
+    assert not list(tmp_path.glob("ran-*")) and not scratch.exists()
