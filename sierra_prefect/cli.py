@@ -131,13 +131,19 @@ def env(home: Path | None = typer.Option(None, help="State directory (SIERRA_PRE
 def check(
     deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local."),
     work_pool: str | None = typer.Option(None, help="Fail unless the deployment uses this pool."),
+    image: str | None = typer.Option(None, help="Docker deployments: check this image's Prefect instead."),
+    mount: list[str] = typer.Option([], help="Docker deployments: validate SRC:DST[:MODE] (repeatable)."),
 ) -> None:
-    """Exit 0 if the server is reachable and DEPLOYMENT exists (used by SIERRA plugins)."""
+    """Exit 0 if the server is reachable, DEPLOYMENT exists, the Prefect versions may work
+    together and the mounts are valid (used by SIERRA plugins before stage 2)."""
+    from sierra_prefect.docker import parse_mount
     from sierra_prefect.trigger import check_deployment
 
+    for m in mount:
+        parse_mount(m)
     connection = _stack(_settings(), quiet=True).connection()
     with connection.client() as client:
-        check_deployment(client, connection, deployment, work_pool)
+        check_deployment(client, connection, deployment, work_pool, image=image, console=err)
     out.print(f"{deployment} is deployed on {connection.api_url}")
 
 

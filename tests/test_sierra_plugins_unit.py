@@ -21,11 +21,11 @@ from tests import sierra_support as ss
 if str(ss.PREFECT_PLUGIN_PATH) not in sys.path:
     sys.path.insert(0, str(ss.PREFECT_PLUGIN_PATH))
 
-from prefectdeploy import common  # noqa: E402
-from prefectdeploy.dockerremote import cmdline as docker_cmdline  # noqa: E402
-from prefectdeploy.dockerremote import plugin as docker_plugin  # noqa: E402
-from prefectdeploy.local import cmdline as local_cmdline  # noqa: E402
-from prefectdeploy.local import plugin as local_plugin  # noqa: E402
+from prefectdeploy import common
+from prefectdeploy.dockerremote import cmdline as docker_cmdline
+from prefectdeploy.dockerremote import plugin as docker_plugin
+from prefectdeploy.local import cmdline as local_cmdline
+from prefectdeploy.local import plugin as local_plugin
 
 ALL_STAGES = [-1, 1, 2, 3, 4, 5]
 KINDS = {
@@ -67,7 +67,8 @@ def batch_exec_opts(cmdopts: dict, root: str = "/srv/sierra root/proj/c/s/batch"
     }
 
 
-def exp_exec_opts(cmdopts: dict, batch: str = "/srv/sierra root/proj/c/s/batch", exp: str = "c1-exp1") -> dict:
+def exp_exec_opts(cmdopts: dict, batch: str = "/srv/sierra root/proj/c/s/batch",
+                  exp: str = "c1-exp1") -> dict:
     """What sierra.core.pipeline.stage2.runner.SequentialRunner passes."""
     inp = Path(batch) / "exp-inputs" / exp
     return {
@@ -270,12 +271,10 @@ def test_docker_extra_mount_on_sierra_root_replaces_default():
     assert option_values(argv, "--mount") == ["/elsewhere:/srv/sierra root:ro"]
 
 
-@pytest.mark.parametrize("bad", ["/data", "data:/data", "/data:data", "/a:/b:rx", "/a:/b:ro:z", ":/b"])
-def test_docker_bad_mounts_rejected_before_any_stage(bad):
-    args = docker_cmdline.build([], ALL_STAGES).parser.parse_args(["--docker-extra-mounts", bad])
-    # One line and a non-zero exit (SystemExit), not SIERRA's traceback banner.
-    with pytest.raises(SystemExit, match="^error: --docker-extra-mounts: Bad docker mount"):
-        docker_plugin.cmdline_postparse_configure(args)
+def test_docker_mounts_pass_verbatim_to_the_shim():
+    """The plugin does not judge mounts (the shim does, in execenv_check and run)."""
+    argv = batch_argv("dockerremote", "--docker-extra-mounts", "/a:/b:rx", "rel:/c")
+    assert option_values(argv, "--mount")[-2:] == ["/a:/b:rx", "rel:/c"]
 
 
 # --- thinness ----------------------------------------------------------------------
@@ -346,6 +345,29 @@ def test_execenv_check_rejects_the_wrong_pool(stack_env):
         local_plugin.execenv_check(make_cmdopts("local", "--work-pool", "pool-a"))
 
 
+@pytest.mark.parametrize("bad, expected", [
+    ("/data", "--mount '/data' is not SRC:DST[:ro|rw]"),
+    ("/a:/b:rx", "--mount '/a:/b:rx' is not SRC:DST[:ro|rw]"),
+    ("/a:/b:ro:z", "is not SRC:DST[:ro|rw]"),
+    (":/b", "is not SRC:DST[:ro|rw]"),
+    ("/no/such/dir:/data", "--mount source '/no/such/dir' does not exist"),
+])
+def test_execenv_check_rejects_a_bad_mount_in_one_line(stack_env, bad, expected):
+    """The shim judges the mount before stage 2 runs anything: SIERRA shows its one line."""
+    cmdopts = make_cmdopts("dockerremote", "--docker-extra-mounts", bad)
+    with pytest.raises(RuntimeError) as info:
+        docker_plugin.execenv_check(cmdopts)
+    message = str(info.value)
+    assert message.startswith("--execenv=prefectdeploy.dockerremote: Prefect deployment "
+                              "'sierra/dockerremote' cannot run stage 2: sierra-prefect: error: ")
+    assert expected in message and "\n" not in message
+    assert "sierra-prefect up" not in message  # the mount's fix, not a misleading one
+
+
+def test_execenv_check_accepts_a_good_mount(stack_env, tmp_path):
+    docker_plugin.execenv_check(make_cmdopts("dockerremote", "--docker-extra-mounts", f"{tmp_path}:/data:ro"))
+
+
 def test_execenv_check_unknown_deployment_says_run_up(stack_env):
     with pytest.raises(RuntimeError) as info:
         local_plugin.execenv_check(make_cmdopts("local", "--deployment", "sierra/nope"))
@@ -371,9 +393,15 @@ def test_execenv_check_without_shim(monkeypatch, tmp_path):
         local_plugin.execenv_check(make_cmdopts("local"))
 
 
-def test_shim_found_next_to_python_when_not_on_path(monkeypatch):
+def test_shim_found_next_to_python_when_not_on_path(monkeypatch, tmp_path):
     monkeypatch.delenv(common.SHIM_ENV)
     monkeypatch.setenv("PATH", "/nonexistent")
-    sibling = Path(sys.executable).parent / "sierra-prefect"
-    expected = str(sibling) if sibling.is_file() else "sierra-prefect"
-    assert common.shim_executable() == expected
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    assert common.shim_executable() == "sierra-prefect"  # nothing there yet: the bare name
+    shim = venv_bin / "sierra-prefect"
+    shim.write_text("#!/bin/sh\n")
+    assert common.shim_executable() == "sierra-prefect"  # there, but not executable
+    shim.chmod(0o755)
+    assert common.shim_executable() == f"{tmp_path}/venv/bin/sierra-prefect"

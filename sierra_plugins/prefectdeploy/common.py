@@ -26,6 +26,10 @@ Mapping from SIERRA:
 - ``--deployment``, ``--work-pool`` (the pool the deployment must be on),
   ``--work-queue``, ``--run-timeout``: passed through when given;
   ``--work-pool`` also goes to ``sierra-prefect check``.
+- mounts (``prefectdeploy.dockerremote``): passed verbatim as ``--mount``; the
+  shim validates them, and ``execenv_check`` asks it to before stage 2
+  (``sierra-prefect check ... --mount ...``), so a bad mount fails with one line
+  before anything runs.
 - ``--workdir``: only ``prefectdeploy.local`` passes one (the directory SIERRA
   runs in, where ``hpc.local`` runs commands too); in containers the commands
   run in the input root.
@@ -54,6 +58,8 @@ _logger = logging.getLogger(__name__)
 SHIM_NAME = "sierra-prefect"
 SHIM_ENV = "SIERRA_PREFECT_BIN"
 COMMANDS_FILE = "commands.txt"
+# How every error line of the shim starts (sierra_prefect/cli.py).
+SHIM_ERROR_PREFIX = "sierra-prefect: error: "
 CHECK_TIMEOUT = 120  # seconds; `sierra-prefect check` imports Prefect and asks the server
 
 
@@ -67,27 +73,6 @@ def shim_executable() -> str:
     if sibling.is_file() and os.access(sibling, os.X_OK):
         return str(sibling)
     return SHIM_NAME
-
-
-def parse_mount(spec: str) -> tuple[str, str, str | None]:
-    """Split a bind mount ``SRC:DST[:ro|rw]``; raise ValueError if malformed.
-
-    Only host-directory bind mounts (absolute SRC and DST) are accepted, as
-    ``sierra-prefect run --mount`` does.
-    """
-    parts = str(spec).split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(
-            f"Bad docker mount '{spec}': expected SRC:DST or SRC:DST:MODE "
-            "(e.g. /data:/data:ro)"
-        )
-    src, dst = parts[0], parts[1]
-    mode = parts[2] if len(parts) == 3 else None
-    if not (src.startswith("/") and dst.startswith("/")):
-        raise ValueError(f"Bad docker mount '{spec}': SRC and DST must be absolute paths")
-    if mode is not None and mode not in ("ro", "rw"):
-        raise ValueError(f"Bad docker mount '{spec}': MODE must be ro or rw, not '{mode}'")
-    return src, dst, mode
 
 
 def build_run_argv(
@@ -106,40 +91,43 @@ def build_run_argv(
     mounts: tp.Sequence[str] = (),
     shim: str | None = None,
 ) -> list[str]:
-    """The ``sierra-prefect run`` argument vector (unquoted)."""
+    """The ``sierra-prefect run`` argument vector (unquoted).
+
+    Mounts go through verbatim: the shim is the one place that validates them (and
+    ``execenv_check`` asks it to before stage 2).
+    """
     if not deployment:
         raise ValueError("No Prefect deployment given (--deployment)")
+    if max_parallel is not None and int(max_parallel) < 1:
+        raise ValueError(f"--exec-jobs-per-node must be >= 1, got {max_parallel}")
 
-    argv = [
-        shim or shim_executable(),
-        "run",
-        deployment,
-        "--input-root",
-        str(input_root),
-        "--scratch-root",
-        str(scratch_root),
-    ]
-    if max_parallel is not None:
-        if int(max_parallel) < 1:
-            raise ValueError(f"--exec-jobs-per-node must be >= 1, got {max_parallel}")
-        argv += ["--max-parallel", str(int(max_parallel))]
-    if run_timeout is not None:
-        argv += ["--run-timeout", str(run_timeout)]
+    argv = [shim or shim_executable(), "run", deployment,
+            "--input-root", str(input_root), "--scratch-root", str(scratch_root)]
+    argv += _options({
+        "--max-parallel": None if max_parallel is None else int(max_parallel),
+        "--run-timeout": run_timeout,
+    })
     if not resume:
         argv.append("--no-resume")
-    if workdir is not None:
-        argv += ["--workdir", str(workdir)]
-    if work_pool:
-        argv += ["--work-pool", work_pool]
-    if work_queue:
-        argv += ["--work-queue", work_queue]
-    if image:
-        argv += ["--image", image]
+    argv += _options({
+        "--workdir": workdir,
+        "--work-pool": work_pool,
+        "--work-queue": work_queue,
+        "--image": image,
+    })
     if host_user:
         argv.append("--host-user")
     for m in mounts:
-        parse_mount(m)
         argv += ["--mount", str(m)]
+    return argv
+
+
+def _options(values: dict[str, tp.Any]) -> list[str]:
+    """``--option value`` for every value given (None and "" are not given)."""
+    argv: list[str] = []
+    for option, value in values.items():
+        if value is not None and value != "":
+            argv += [option, str(value)]
     return argv
 
 
@@ -239,15 +227,17 @@ class ExpShellCmdsGenerator(_RunCmdGenerator):
         return []
 
 
-def execenv_check(cmdopts: types.Cmdopts) -> None:
-    """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT`` must succeed.
+def execenv_check(cmdopts: types.Cmdopts, extra_argv: tp.Sequence[str] = ()) -> None:
+    """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT [extra_argv]`` must succeed.
 
-    Raises RuntimeError (SIERRA aborts stage 2 before running anything) with
-    the shim's one-line reason and the fix.
+    The shim checks the server, the deployment, the Prefect versions and whatever
+    ``extra_argv`` names (e.g. ``--mount``: it is the one place that validates
+    them). Raises RuntimeError (SIERRA aborts stage 2 before running anything)
+    with the shim's one-line reason and the fix.
     """
     deployment = cmdopts["deployment"]
     execenv = cmdopts.get("execenv", "prefectdeploy")
-    argv = [shim_executable(), "check", deployment]
+    argv = [shim_executable(), "check", deployment, *extra_argv]
     if cmdopts.get("work_pool"):
         argv += ["--work-pool", cmdopts["work_pool"]]
     fix = "Start the Prefect stack with `sierra-prefect up`, then re-run stage 2."
@@ -277,11 +267,9 @@ def execenv_check(cmdopts: types.Cmdopts) -> None:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
         lines = lines or [ln.strip() for ln in (proc.stdout or "").splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        message = (
-            f"--execenv={execenv}: Prefect deployment '{deployment}' is not "
-            f"usable: {reason}"
-        )
-        if "sierra-prefect up" not in reason:
+        message = f"--execenv={execenv}: Prefect deployment '{deployment}' cannot run stage 2: {reason}"
+        # The shim's own one-line errors carry their fix; anything else gets the usual one.
+        if not reason.startswith(SHIM_ERROR_PREFIX):
             message += f". {fix}"
         raise RuntimeError(message)
 
@@ -293,7 +281,6 @@ __all__ = [
     "ExpShellCmdsGenerator",
     "build_run_argv",
     "execenv_check",
-    "parse_mount",
     "quote_argv",
     "shim_executable",
 ]

@@ -10,21 +10,23 @@ On top of :mod:`prefectdeploy.common`:
   under it, and per-experiment outputs are outside the experiment's input
   root), then each ``--docker-extra-mounts`` entry -> ``--mount`` as given. An
   extra mount whose destination is the SIERRA root replaces the default one.
+
+Mounts are passed verbatim: ``sierra-prefect`` is the one place that validates
+them, and ``execenv_check`` asks it to (``sierra-prefect check ... --mount ...``)
+before stage 2 runs anything, so a bad mount fails with one line.
 """
 
-import argparse
 import pathlib
 import typing as tp
 
 from sierra.core import types
 
 from prefectdeploy import common
-from prefectdeploy.common import execenv_check
 
 
 def docker_argv_kwargs(cmdopts: types.Cmdopts) -> dict[str, tp.Any]:
     extra = [str(m) for m in (cmdopts.get("docker_extra_mounts") or [])]
-    extra_dsts = {common.parse_mount(m)[1].rstrip("/") or "/" for m in extra}
+    extra_dsts = {_destination(m) for m in extra}
 
     mounts = []
     if cmdopts.get("sierra_root") is not None:
@@ -41,6 +43,15 @@ def docker_argv_kwargs(cmdopts: types.Cmdopts) -> dict[str, tp.Any]:
     }
 
 
+def _destination(mount: str) -> str | None:
+    """DST of ``SRC:DST[:MODE]`` (normalised), only to see whether it is the SIERRA root.
+
+    Not a validation: ``sierra-prefect`` validates mounts (see execenv_check).
+    """
+    parts = mount.split(":")
+    return (parts[1].rstrip("/") or "/") if len(parts) > 1 else None
+
+
 class BatchShellCmdsGenerator(common.BatchShellCmdsGenerator):
     def extra_argv_kwargs(self) -> dict[str, tp.Any]:
         return docker_argv_kwargs(self.cmdopts)
@@ -51,20 +62,22 @@ class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
         return docker_argv_kwargs(self.cmdopts)
 
 
-def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
-    """Reject malformed ``--docker-extra-mounts`` before any stage runs."""
-    for m in getattr(args, "docker_extra_mounts", None) or []:
-        try:
-            common.parse_mount(m)
-        except ValueError as exc:
-            # One line and a non-zero exit, not SIERRA's "unexpected error" traceback.
-            raise SystemExit(f"error: --docker-extra-mounts: {exc}") from None
-    return args
+def execenv_check(cmdopts: types.Cmdopts) -> None:
+    """``sierra-prefect check`` with the image and the extra mounts stage 2 will use.
+
+    The SIERRA root mount is left out: it is made by this plugin, always well formed,
+    and the root exists by stage 2.
+    """
+    extra: list[str] = []
+    if cmdopts.get("docker_image"):
+        extra += ["--image", str(cmdopts["docker_image"])]
+    for m in cmdopts.get("docker_extra_mounts") or []:
+        extra += ["--mount", str(m)]
+    common.execenv_check(cmdopts, extra)
 
 
 __all__ = [
     "BatchShellCmdsGenerator",
     "ExpShellCmdsGenerator",
-    "cmdline_postparse_configure",
     "execenv_check",
 ]
