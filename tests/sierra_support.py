@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_PLUGIN_PATH = REPO / "sierra_plugins"
@@ -56,9 +56,9 @@ _KILL_GRACE = 10.0
 
 
 def sierra_env(
-    base: Optional[Mapping[str, str]] = None,
-    python: Optional[str] = None,
-    extra: Optional[Mapping[str, str]] = None,
+    base: Mapping[str, str] | None = None,
+    python: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Environment for SIERRA: plugin path set, the interpreter's bin dir first on PATH.
 
@@ -86,7 +86,7 @@ def sierra_argv(
     n_experiments: int = 3,
     stages: Sequence[int] = (1, 2),
     extra_args: Sequence[str] = (),
-    python: Optional[str] = None,
+    python: str | None = None,
     log_level: str = "INFO",
     skip_pkg_checks: bool = True,
 ) -> list[str]:
@@ -124,10 +124,10 @@ def run_sierra(
     stages: Sequence[int] = (1, 2),
     extra_args: Sequence[str] = (),
     timeout: float = DEFAULT_TIMEOUT,
-    log_path: Optional[Path] = None,
-    env: Optional[Mapping[str, str]] = None,
-    python: Optional[str] = None,
-    cwd: Optional[Path] = None,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    python: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run SIERRA once with a deadline; return its CompletedProcess.
 

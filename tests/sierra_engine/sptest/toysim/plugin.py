@@ -41,7 +41,7 @@ class ExpRunShellCmdsGenerator:
         cmdopts: types.Cmdopts,
         criteria: tp.Any,
         exp_num: int,
-        n_agents: tp.Optional[int],
+        n_agents: int | None,
     ) -> None:
         self.cmdopts = cmdopts
 
