@@ -12,7 +12,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import CLI, prefect_version, base_env, make_batch, max_overlap, sierra_prefect, timed_command, wait_until
+from tests.helpers import (
+    CLI,
+    base_env,
+    make_batch,
+    max_overlap,
+    prefect_version,
+    sierra_prefect,
+    timed_command,
+    wait_until,
+)
 
 
 def test_status_reports_versions_pids_pools_and_deployments(stack):
@@ -196,7 +205,8 @@ def test_pools_apply_is_idempotent_and_repairs_drift(stack, prefect_api):
     assert first.returncode == 0 and "pools up to date" in first.stdout
     with get_client(sync_client=True) as client:
         client.update_work_pool("sierra-pool", WorkPoolUpdate(description="drifted", concurrency_limit=1))
-        [queue] = [q for q in client.read_work_queues(work_pool_name="sierra-pool") if q.name == "sierra-queue"]
+        queues = client.read_work_queues(work_pool_name="sierra-pool")
+        [queue] = [q for q in queues if q.name == "sierra-queue"]
         client.update_work_queue(queue.id, priority=9)
     repaired = stack.cli("pools", "apply")
     assert repaired.returncode == 0
@@ -233,7 +243,10 @@ def test_lifecycle_restart_worker_down_and_stale_state(fresh_stack, tmp_path):
     run = fresh_stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root", str(scratch))
     assert run.returncode == 0, run.stderr
 
+    socket_file = fresh_stack.home / "warm-engine.sock"
+    assert socket_file.is_socket()
     down = fresh_stack.cli("down", check=True)
+    assert not socket_file.exists(), "down leaves no warm-engine socket behind"
     assert f"stopped server (pid {after['server']})" in down.stdout
     assert f"stopped warm-engine (pid {after['warm_engine']})" in down.stdout
     for pid in [after["server"], *after["workers"], after["warm_engine"]]:
@@ -270,4 +283,51 @@ def test_up_on_a_taken_port_fails_and_touches_nothing(tmp_path):
     assert result.returncode != 0
     assert f"port {port} on 127.0.0.1 is taken by another program" in result.stderr
     assert (home / "notes.txt").read_text() == "mine"
-    assert not (home / "stack.json").exists() or json.loads((home / "stack.json").read_text())["server"] is None
+    state = home / "stack.json"
+    assert not state.exists() or json.loads(state.read_text())["server"] is None
+
+
+def _forked_help_count(stack) -> int:
+    log = (stack.home / "logs" / "warm-engine.log").read_text()
+    return log.count("sierra-prefect run --help: engine pid")
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["stack-up-forked", "no-stack"])
+def test_cli_usage_names_sierra_prefect_and_a_bad_value_is_one_line(stack, tmp_path, warm):
+    """With a stack up, `run` and `check` are forked from its warm engine (there the CLI
+    runs as `python -m sierra_prefect.cli`): usage and errors must still say sierra-prefect."""
+    env = stack.env if warm else base_env(tmp_path / "no-stack-home")
+    forked_before = _forked_help_count(stack)
+    for command in ("run", "check"):
+        result = sierra_prefect(command, "--help", env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"Usage: sierra-prefect {command} [OPTIONS]" in result.stdout, result.stdout
+        assert "python -m" not in result.stdout
+    assert (_forked_help_count(stack) > forked_before) == warm, "forked exactly when warm"
+    bad = sierra_prefect("run", "sierra/local", "--input-root", str(tmp_path), "--scratch-root",
+                         str(tmp_path / "s"), "--max-parallel", "abc", env=env, timeout=120)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1, bad.stderr
+    assert lines[0].startswith("sierra-prefect: error: Invalid value for '--max-parallel'")
+    assert "see `sierra-prefect run --help`" in lines[0] and "python -m" not in lines[0]
+    assert bad.stdout == "" and not (tmp_path / "s").exists()
+
+
+def test_up_with_another_port_while_up_is_refused_and_stops_nothing(stack):
+    before = stack.status()
+    running = int(stack.api_url.rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        other = sock.getsockname()[1]
+    result = stack.cli("up", "--port", str(other), timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"already up on port {running}" in lines[0]
+    assert "`sierra-prefect down` first" in lines[0] and "drop --port" in lines[0]
+    after = stack.status()
+    assert after["healthy"] and after["api_url"] == stack.api_url
+    assert after["pids"] == before["pids"]
+    # The same port, or none: the warm path as before.
+    assert stack.cli("up", "--port", str(running), timeout=120).returncode == 0
