@@ -5,8 +5,9 @@ A shared server is upgraded on its own schedule, so the client (``sierra-prefect
 Use it like this::
 
     from sierra_prefect.versions import check_versions
-    check_versions(client_version, server_version, api_url=url)             # ShimError if not
-    check_versions(client, server, image="img:tag", image_version="3.9.1")  # Docker as well
+    check_versions(client_version, server_version, api_url=url)          # ShimError if not
+    check_versions(client_version, server_version, api_url=url,
+                   image=tag, image_version=docker.image_prefect_version(tag))  # Docker
 
 The rule: versions with the same major.minor work together (patch releases of Prefect
 keep the client/server API); a different minor is refused before anything runs. Why not
