@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -29,15 +30,23 @@ from sierra_prefect.settings import Settings
 
 PROG = "sierra-prefect"
 
+# --home, which every command that works on one stack takes.
+HomeOption = Annotated[
+    Path | None, typer.Option(metavar="DIR", help="State directory (SIERRA_PREFECT_HOME).")]
+
 app = typer.Typer(
     help="Run SIERRA stage 2 on Prefect 3: bring the stack up, trigger deployments by name.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help, as other Unix commands print it: no boxes padded to the terminal's
+    # width (SIERRA logs it), no type column (a flag takes no <bool>).
+    rich_markup_mode=None,
 )
-pools_app = typer.Typer(help="Work pools from workpools/.", no_args_is_help=True)
+pools_app = typer.Typer(help="Work pools from workpools/.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(pools_app, name="pools")
-image_app = typer.Typer(help="The worker image (Dockerfile).", no_args_is_help=True)
+image_app = typer.Typer(help="The worker image (Dockerfile).", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(image_app, name="image")
 
 out = Console(soft_wrap=True)
@@ -70,14 +79,16 @@ def _port(value: str | None):
 @app.command()
 def up(
     port: str | None = typer.Option(
-        None, help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
+        None, metavar="PORT|auto",
+        help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
     docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
     host: str | None = typer.Option(
-        None, help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
+        None, metavar="ADDRESS",
+        help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
     database: str | None = typer.Option(
-        None, help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect "
-        "(default SQLite)."),
-    home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+        None, metavar="URL",
+        help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect (default SQLite)."),
+    home: HomeOption = None,
 ) -> None:
     """Start (or reuse) the embedded stack: server, pools, deployments, worker."""
     settings = _settings(port=_port(port), home=home, host=host, database_url=database)
@@ -88,7 +99,7 @@ def up(
 
 
 @app.command()
-def down(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def down(home: HomeOption = None) -> None:
     """Stop exactly the processes `up` started (by pid), and wait until they exit."""
     lines = _stack(_settings(home=home)).down()
     for line in lines or ["nothing running for this stack"]:
@@ -98,7 +109,7 @@ def down(home: Path | None = typer.Option(None, help="State directory (SIERRA_PR
 @app.command()
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME)."),
+    home: HomeOption = None,
 ) -> None:
     """Server URL and health, Prefect versions, pools, workers online, deployments."""
     report = _stack(_settings(home=home), quiet=True).status()
@@ -120,7 +131,7 @@ def status(
 
 
 @app.command()
-def env(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def env(home: HomeOption = None) -> None:
     """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
     connection = _stack(_settings(home=home), quiet=True).connection()
     out.print(f"export PREFECT_API_URL={connection.api_url}", highlight=False)
@@ -129,10 +140,13 @@ def env(home: Path | None = typer.Option(None, help="State directory (SIERRA_PRE
 
 @app.command()
 def check(
-    deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local."),
-    work_pool: str | None = typer.Option(None, help="Fail unless the deployment uses this pool."),
-    image: str | None = typer.Option(None, help="Docker deployments: check this image's Prefect instead."),
-    mount: list[str] = typer.Option([], help="Docker deployments: validate SRC:DST[:MODE] (repeatable)."),
+    deployment: str = typer.Argument(..., metavar="DEPLOYMENT", help="FLOW/NAME, e.g. sierra/local."),
+    work_pool: str | None = typer.Option(
+        None, metavar="POOL", help="Fail unless the deployment uses this pool."),
+    image: str | None = typer.Option(
+        None, metavar="IMAGE", help="Docker deployments: check this image's Prefect instead."),
+    mount: list[str] = typer.Option(
+        [], metavar="SRC:DST[:MODE]", help="Docker deployments: validate SRC:DST[:MODE] (repeatable)."),
 ) -> None:
     """Exit 0 if the server is reachable, DEPLOYMENT exists, the Prefect versions may work
     together and the mounts are valid (used by SIERRA plugins before stage 2)."""
@@ -149,21 +163,31 @@ def check(
 
 @app.command()
 def run(
-    deployment: str = typer.Argument(..., help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
-    input_root: str = typer.Option(..., help="Absolute directory holding commands.txt."),
-    scratch_root: str = typer.Option(..., help="Absolute directory for logs and resume markers."),
-    max_parallel: int | None = typer.Option(None, help="Cap on runs at once (default: worker host CPUs)."),
-    run_timeout: float | None = typer.Option(None, help="Seconds before a run's process group is killed."),
+    deployment: str = typer.Argument(
+        ..., metavar="DEPLOYMENT", help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
+    input_root: str = typer.Option(..., metavar="DIR", help="Absolute directory holding commands.txt."),
+    scratch_root: str = typer.Option(
+        ..., metavar="DIR", help="Absolute directory for logs and resume markers."),
+    max_parallel: int | None = typer.Option(
+        None, metavar="N", help="Cap on runs at once (default: worker host CPUs)."),
+    run_timeout: float | None = typer.Option(
+        None, metavar="SECONDS", help="Seconds before a run's process group is killed."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip runs that already succeeded."),
-    workdir: str | None = typer.Option(None, help="Directory the commands run in (default: input root)."),
+    workdir: str | None = typer.Option(
+        None, metavar="DIR", help="Directory the commands run in (default: input root)."),
     spread: int | None = typer.Option(
-        None, help="Fan the batch out to N child flow runs, shared by the pool's workers."),
-    param: list[str] = typer.Option([], help="Extra flow parameter KEY=VALUE (repeatable)."),
-    work_pool: str | None = typer.Option(None, help="Expected pool (must be the deployment's)."),
-    work_queue: str | None = typer.Option(None, help="Queue of the deployment's pool to use."),
-    image: str | None = typer.Option(None, help="Docker deployments: image for this flow run."),
+        None, metavar="N", help="Fan the batch out to N child flow runs, shared by the pool's workers."),
+    param: list[str] = typer.Option(
+        [], metavar="KEY=VALUE", help="Extra flow parameter KEY=VALUE (repeatable)."),
+    work_pool: str | None = typer.Option(
+        None, metavar="POOL", help="Expected pool (must be the deployment's)."),
+    work_queue: str | None = typer.Option(
+        None, metavar="QUEUE", help="Queue of the deployment's pool to use."),
+    image: str | None = typer.Option(
+        None, metavar="IMAGE", help="Docker deployments: image for this flow run."),
     host_user: bool = typer.Option(False, "--host-user", help="Docker deployments: run as your uid:gid."),
-    mount: list[str] = typer.Option([], help="Docker deployments: extra SRC:DST[:MODE] mount (repeatable)."),
+    mount: list[str] = typer.Option(
+        [], metavar="SRC:DST[:MODE]", help="Docker deployments: extra SRC:DST[:MODE] mount (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
@@ -244,9 +268,10 @@ def pools_apply() -> None:
 
 @image_app.command("build")
 def image_build(
-    tag: str | None = typer.Option(None, help="Image tag (default: the one sierra/dockerremote uses)."),
+    tag: str | None = typer.Option(
+        None, metavar="TAG", help="Image tag (default: the one sierra/dockerremote uses)."),
     base_image: str | None = typer.Option(
-        None, help="BASE_IMAGE: a Python 3.11 image (default: python:3.11-slim)."),
+        None, metavar="IMAGE", help="BASE_IMAGE: a Python 3.11 image (default: python:3.11-slim)."),
 ) -> None:
     """Build the worker image with exactly the Prefect version of uv.lock."""
     from sierra_prefect import docker
@@ -258,7 +283,7 @@ def image_build(
 
 
 @app.command()
-def demo(home: Path | None = typer.Option(None, help="State directory (SIERRA_PREFECT_HOME).")) -> None:
+def demo(home: HomeOption = None) -> None:
     """Bring the stack up, run a small sample batch through sierra/local, print the summary."""
     from sierra_prefect.demo import run_demo
 
@@ -282,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         # prog_name, not the interpreter's guess: forked from the warm engine this code
         # runs as `python -m sierra_prefect.cli`, and usage lines must still say PROG.
         code = command.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except NoArgsIsHelpError as exc:
-        return exc.exit_code  # the help was printed while raising it
+    except NoArgsIsHelpError as exc:  # a bare `sierra-prefect` or `sierra-prefect pools`
+        exc.show()  # the help, on stderr
+        return exc.exit_code
     except UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else PROG
         _error(f"{exc.format_message().rstrip('.')}: see `{where} --help`")
