@@ -1,10 +1,19 @@
-"""Docker deployments: the worker image (build, version check) and per-run job variables.
+"""Docker deployments: the worker image and per-run job variables.
+
+Use::
+
+    build_image(project, DEFAULT_TAG)               # `sierra-prefect image build`
+    image_is_current(DEFAULT_TAG, project)          # built from this checkout? (`up --docker`)
+    image_prefect_version(DEFAULT_TAG)              # asked from the image itself
+    job_variables(input_root, scratch_root, image, host_user, mounts)   # one flow run
 
 The image is built from the top-level ``Dockerfile`` with the Prefect version of
-``uv.lock`` (the build fails if what it installed differs). Before a Docker deployment is
-triggered, the Prefect version *inside* the image is asked from the image itself and must
-equal the client's and the server's: a mismatch otherwise shows up as obscure API errors
-in the middle of a batch.
+``uv.lock`` (the build fails if what it installed differs) and labelled with a digest of
+what it bakes in. Builds and the containers the shim runs itself use the
+``docker_network_mode`` setting (``SIERRA_PREFECT_DOCKER_NETWORK_MODE``, default host);
+flow-run containers get the pool's ``network_mode`` (workpools/sierra-docker-pool.yaml).
+Whether the image's Prefect may work with the client and server is sierra_prefect/versions.py's
+question.
 """
 
 from __future__ import annotations

@@ -105,8 +105,10 @@ def _send(sock: socket.socket, module: str, argv: list[str], env: dict[str, str]
           stdio: tuple[int, int, int]) -> None:
     umask = os.umask(0o077)
     os.umask(umask)
-    request = json.dumps({"module": module, "env": env, "cwd": cwd, "umask": umask,
-                          "argv": argv}).encode()
+    # "kind": what warm engines started before requests named the module understand.
+    kind = {"prefect.engine": "engine", "sierra_prefect.cli": "cli"}.get(module, module)
+    request = json.dumps({"module": module, "kind": kind, "env": env, "cwd": cwd,
+                          "umask": umask, "argv": argv}).encode()
     socket.send_fds(sock, [_HEADER.pack(len(request))], list(stdio))
     sock.sendall(request)
 
