@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from flows.summary import BatchSummary
+from sierra_prefect.lock import locked_version
 from tests.docker_support import (
     SESSION_ID,
     TEST_REPO,
@@ -163,11 +164,8 @@ def test_derived_image_with_an_extra_package(docker_engine, docker_stack, tmp_pa
 
 
 def test_image_with_another_prefect_is_refused_before_any_run(docker_engine, docker_stack, tmp_path):
-    import tomllib
-
-    locked = next(p["version"] for p in tomllib.loads((PROJECT / "uv.lock").read_text())["package"]
-                  if p["name"] == "prefect")
-    other = "3.8.7" if locked != "3.8.7" else "3.8.6"
+    # Another minor (patch differences are compatible): the previous one uv.lock pins.
+    locked, other = locked_version(PROJECT), locked_version(PROJECT, group="prefect-previous")
     dockerfile = tmp_path / "Dockerfile"
     dockerfile.write_text(
         "ARG WORKER_IMAGE\nFROM ${WORKER_IMAGE}\nUSER root\n"
