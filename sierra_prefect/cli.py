@@ -120,7 +120,9 @@ def status(
     out.print(f"healthy:      {report['healthy']}")
     out.print(f"prefect:      client {report['prefect_client_version']}, "
               f"server {report['prefect_server_version']}")
-    out.print(f"pids:         {report['pids']}")
+    out.print(f"processes:    {_processes(report['pids'])}", highlight=False)
+    if report["ui_url"]:
+        out.print(f"ui:           {report['ui_url']}", highlight=False)
     for name, pool in report["pools"].items():
         online = ", ".join(pool["workers_online"]) or "none online"
         out.print(f"pool:         {name} ({pool['type']}): {online}")
@@ -128,6 +130,14 @@ def status(
     out.print(f"home:         {report['home']}")
     if not report["healthy"]:
         raise typer.Exit(1)
+
+
+def _processes(pids: dict) -> str:
+    """``server 12, warm engine 34, workers 56 78``: what this home started and still runs."""
+    parts = [f"server {pids['server']}" if pids.get("server") else "",
+             f"warm engine {pids['warm_engine']}" if pids.get("warm_engine") else "",
+             ("workers " + " ".join(map(str, pids["workers"]))) if pids.get("workers") else ""]
+    return ", ".join(p for p in parts if p) or "none running from this home"
 
 
 @app.command()

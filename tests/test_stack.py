@@ -34,6 +34,9 @@ def test_status_reports_versions_pids_pools_and_deployments(stack):
     assert {"sierra/local", "sierra/dockerremote"} <= set(status["deployments"])
     assert status["pools"]["sierra-pool"]["type"] == "process"
     assert status["pools"]["sierra-pool"]["workers_online"]
+    plain = stack.cli("status").stdout
+    assert f"processes:    server {status['pids']['server']}, warm engine " in plain, plain
+    assert f"ui:           {status['ui_url']}" in plain
 
 
 def _engine_pids(home: Path, flow_run_id: str) -> list[int]:
