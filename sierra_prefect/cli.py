@@ -76,7 +76,7 @@ def _port(value: str | None):
     raise ShimError(f"--port '{value}' is not a port: pass a number 1-65535 or 'auto'")
 
 
-@app.command()
+@app.command(short_help="Start or reuse the stack: server, pools, deployments, worker.")
 def up(
     port: str | None = typer.Option(
         None, metavar="PORT|auto",
@@ -98,7 +98,7 @@ def up(
     out.print('point Prefect at it: eval "$(sierra-prefect env)"')
 
 
-@app.command()
+@app.command(short_help="Stop exactly what `up` started.")
 def down(home: HomeOption = None) -> None:
     """Stop exactly the processes `up` started (by pid), and wait until they exit."""
     lines = _stack(_settings(home=home)).down()
@@ -106,7 +106,7 @@ def down(home: HomeOption = None) -> None:
         out.print(line)
 
 
-@app.command()
+@app.command(short_help="Server, versions, processes, pools, workers, deployments.")
 def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     home: HomeOption = None,
@@ -140,7 +140,7 @@ def _processes(pids: dict) -> str:
     return ", ".join(p for p in parts if p) or "none running from this home"
 
 
-@app.command()
+@app.command(short_help="`export PREFECT_API_URL=...` for eval.")
 def env(home: HomeOption = None) -> None:
     """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
     connection = _stack(_settings(home=home), quiet=True).connection()
@@ -148,7 +148,7 @@ def env(home: HomeOption = None) -> None:
     out.print("export PREFECT_SERVER_ANALYTICS_ENABLED=false", highlight=False)
 
 
-@app.command()
+@app.command(short_help="Exit 0 if DEPLOYMENT can run here (SIERRA's check).")
 def check(
     deployment: str = typer.Argument(..., metavar="DEPLOYMENT", help="FLOW/NAME, e.g. sierra/local."),
     work_pool: str | None = typer.Option(
@@ -171,7 +171,7 @@ def check(
     out.print(f"{deployment} is deployed on {connection.api_url}")
 
 
-@app.command()
+@app.command(short_help="Trigger DEPLOYMENT for a batch and follow it.")
 def run(
     deployment: str = typer.Argument(
         ..., metavar="DEPLOYMENT", help="FLOW/NAME, e.g. sierra/local or sierra/dockerremote."),
@@ -261,7 +261,7 @@ def plugin_path() -> None:
     print(project / "sierra_plugins")
 
 
-@pools_app.command("apply")
+@pools_app.command("apply", short_help="Create or repair the pools of workpools/.")
 def pools_apply() -> None:
     """Create or update the pools of workpools/ (and the crash automation) on the server."""
     from sierra_prefect import automations, pools
@@ -292,7 +292,7 @@ def image_build(
     out.print(f"built {tag} with Prefect {docker.image_prefect_version(tag)}")
 
 
-@app.command()
+@app.command(short_help="A sample batch through sierra/local on the stack.")
 def demo(home: HomeOption = None) -> None:
     """Bring the stack up, run a small sample batch through sierra/local, print the summary."""
     from sierra_prefect.demo import run_demo
