@@ -183,3 +183,58 @@ def end_processes(pids: Iterable[int]) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=KILL_GRACE_SECONDS)
+
+
+@dataclass
+class RunRecord:
+    """What one attempt of one run did: the ledger's view, the UI's row, the summary's line."""
+
+    index: int
+    name: str
+    run_id: str
+    command: str
+    exit_code: int | None
+    timed_out: bool
+    seconds: float
+    attempt: int
+    stdout: str
+    stderr: str
+    error: str | None = None  # the attempt could not even start (e.g. its logs)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.error
+
+    @property
+    def state(self) -> str:
+        if self.ok:
+            return "COMPLETED"
+        return "TIMED OUT" if self.timed_out else "FAILED"
+
+
+def execute_run(run, scratch: Path, workdir: Path, timeout: float | None,
+                flow_run_id: str) -> RunRecord:
+    """One attempt of ``run``: new attempt logs, the command in its own process group,
+    the success marker (atomically) if it exited 0."""
+    from datetime import UTC, datetime
+
+    from flows.plan import attempt_number, mark_done, new_attempt_logs, run_dir
+
+    directory = run_dir(scratch, run)
+    try:
+        stdout, stderr = new_attempt_logs(directory)
+    except OSError as exc:
+        return RunRecord(run.index, run.name, run.run_id, run.command, None, False, 0.0, 0,
+                         str(directory), str(directory), error=f"cannot create its logs: {exc}")
+    identity = {RUN_ENV: str(directory), FLOW_RUN_ENV: flow_run_id}
+    outcome = run_command(run.command, workdir, stdout, stderr, timeout, identity)
+    record = RunRecord(run.index, run.name, run.run_id, run.command, outcome.exit_code,
+                       outcome.timed_out, round(outcome.seconds, 3), attempt_number(stdout),
+                       str(stdout), str(stderr))
+    if record.ok:
+        mark_done(scratch, run, {
+            "name": run.name, "run_id": run.run_id, "exit_code": 0, "timed_out": False,
+            "seconds": record.seconds, "attempt": record.attempt, "stdout": record.stdout,
+            "stderr": record.stderr, "finished": datetime.now(UTC).isoformat(),
+        })
+    return record

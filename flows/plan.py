@@ -45,6 +45,11 @@ class RunSpec(BaseModel):
     run_id: str
     name: str
 
+    @property
+    def experiment(self) -> str:
+        """The experiment the run belongs to (``c1-exp3`` of ``c1-exp3-run2``)."""
+        return self.name.rsplit("-run", 1)[0]
+
 
 def run_id_for(index: int, command: str) -> str:
     digest = hashlib.sha256(command.encode()).hexdigest()[:12]
@@ -153,6 +158,24 @@ def plan_runs(input_root: Path, commands: list[str]) -> list[RunSpec]:
     return runs
 
 
+def batch_tag(input_root: str) -> str:
+    """The flow-run tag naming the batch ``input_root`` belongs to.
+
+    In SIERRA's per-experiment paradigm every experiment (``<batch>/exp-inputs/c1-exp3``)
+    is a flow run of its own; they and a per-batch trigger of ``<batch>`` all get the same
+    tag, ``sierra-batch:<batch dir name>-<hash of its path>``, so the UI's tag filter
+    shows one batch's flow runs.
+    """
+    path = Path(os.path.abspath(input_root))
+    if _SIERRA_EXP.fullmatch(path.name):
+        path = path.parent
+    if path.name in ("exp-inputs", "exp_inputs"):
+        path = path.parent
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    label = re.sub(r"[^A-Za-z0-9_.+-]", "_", path.name)[:40] or "root"
+    return f"sierra-batch:{label}-{digest}"
+
+
 def run_dir(scratch_root: Path, run: RunSpec) -> Path:
     return scratch_root / STATE_DIR / "runs" / run.run_id
 
@@ -164,6 +187,25 @@ def is_done(scratch_root: Path, run: RunSpec) -> bool:
         return json.loads(marker.read_text()).get("command") == run.command
     except (OSError, ValueError):
         return False
+
+
+def attempt_number(log: Path) -> int:
+    """The attempt a log belongs to (``attempt-003.stdout`` -> 3)."""
+    return int(log.name.split(".")[0].removeprefix("attempt-"))
+
+
+def tail(path: Path, lines: int = 10, limit: int = 2000) -> str:
+    """The last ``lines`` lines of a log (at most ``limit`` characters), "" if unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4 * limit))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])[-limit:]
 
 
 def new_attempt_logs(directory: Path) -> tuple[Path, Path]:

@@ -19,10 +19,15 @@ On the worker side, ``SIERRA_PREFECT_ALLOWED_ROOTS`` (paths separated by ``:``) 
 the roots a trigger may name; anything outside, after resolving ``..`` and symlinks, is
 refused before any command runs.
 
-Every run is one task run named ``<experiment>-run<k>``. One failing run never stops the
-others; the flow run ends Failed if any run failed. The summary is the flow's result and
-two artifacts: ``sierra-summary`` (markdown, for people) and ``sierra-summary-json`` (for
-``sierra-prefect run``).
+The pieces: ``flows/plan.py`` (which runs, which are done), ``flows/scheduler.py`` (who
+runs when: the cap), ``flows/execute.py`` (one run: process group, attempt logs, marker),
+``flows/tracking.py`` (what the UI shows: a task run per experiment, a progress artifact,
+per-run tables, written in batches), ``flows/summary.py`` (the outcome). An experimental
+run is not a Prefect task run: that cost ~9 ms of CPU per run here and as much again on
+the server. One failing run never stops the others; the flow run ends Failed if any run
+failed. The summary is the flow's result and two artifacts: ``sierra-summary`` (markdown,
+for people, with the last lines of each failed run's stderr) and ``sierra-summary-json``
+(for ``sierra-prefect run``).
 
 Call it directly (tests, debugging)::
 
@@ -37,7 +42,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -50,12 +54,11 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execute import (
-    FLOW_RUN_ENV,
     LIVE_RUNS,
-    RUN_ENV,
+    RunRecord,
     end_processes,
+    execute_run,
     find_stragglers,
-    run_command,
 )
 from flows.plan import (
     ALLOWED_ROOTS_ENV,
@@ -63,15 +66,16 @@ from flows.plan import (
     check_allowed,
     check_roots,
     is_done,
-    mark_done,
-    new_attempt_logs,
     plan_runs,
     prepare_scratch,
     read_commands,
     run_dir,
+    tail,
 )
+from flows.scheduler import Scheduler
 from flows.spread import FanOut, declined_summary, worker_name, worker_slot
 from flows.summary import SUMMARY_JSON_KEY, SUMMARY_KEY, BatchSummary, FailedRun
+from flows.tracking import Tracker
 from sierra_prefect.versions import mismatch
 
 
@@ -80,46 +84,55 @@ def default_cap() -> int:
     return len(os.sched_getaffinity(0))
 
 
-@task(
-    name="run",
-    task_run_name="{name}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def run_one(
-    name: str,
-    run_id: str,
-    command: str,
-    index: int,
-    scratch_root: str,
-    workdir: str,
-    run_timeout: float | None,
-) -> dict:
-    """Run one experimental run; return its outcome, or a Failed state carrying it."""
-    run = RunSpec(index=index, command=command, run_id=run_id, name=name)
-    directory = run_dir(Path(scratch_root), run)
-    stdout, stderr = new_attempt_logs(directory)
-    identity = {RUN_ENV: str(directory), FLOW_RUN_ENV: str(get_run_context().task_run.flow_run_id)}
-    outcome = run_command(command, Path(workdir), stdout, stderr, run_timeout, identity)
-    record = {
-        "name": name,
-        "run_id": run_id,
-        "command": command,
-        "exit_code": outcome.exit_code,
-        "timed_out": outcome.timed_out,
-        "seconds": round(outcome.seconds, 3),
-        "stdout": str(stdout),
-        "stderr": str(stderr),
-    }
-    if outcome.exit_code == 0:
-        mark_done(
-            Path(scratch_root),
-            run,
-            {**record, "finished": datetime.now(UTC).isoformat()},
-        )
-        return record
-    why = f"timed out after {run_timeout} s" if outcome.timed_out else f"exit code {outcome.exit_code}"
-    return Failed(message=f"{name} failed ({why}); stderr: {stderr}", data=record)
+class _Experiments:
+    """Which runs of each experiment are still to end; their records, once ended."""
+
+    def __init__(self, todo: list[RunSpec]) -> None:
+        self._lock = threading.Lock()
+        self.left: dict[str, int] = {}
+        for run in todo:
+            self.left[run.experiment] = self.left.get(run.experiment, 0) + 1
+        self.records: dict[str, list[RunRecord]] = {name: [] for name in self.left}
+        self._ended = {name: threading.Event() for name in self.left}
+
+    def finished(self, experiment: str, record: RunRecord) -> None:
+        with self._lock:
+            self.records[experiment].append(record)
+            self.left[experiment] -= 1
+            if self.left[experiment] == 0:
+                self._ended[experiment].set()
+
+    def release(self) -> None:
+        """The batch is over (or going down): nobody waits any longer."""
+        for event in self._ended.values():
+            event.set()
+
+    def wait(self, experiment: str) -> list[RunRecord]:
+        self._ended[experiment].wait()
+        with self._lock:
+            return list(self.records[experiment])
+
+
+# The batches running in this process, by flow-run id: how an experiment's task run finds
+# its runs (task parameters are data shown in the UI, not live objects).
+_BATCHES: dict[str, tuple[_Experiments, Tracker]] = {}
+
+
+@task(name="experiment", task_run_name="{experiment}", cache_policy=NO_CACHE,
+      persist_result=False)
+def experiment_runs(experiment: str, runs: int, batch: str) -> dict:
+    """One SIERRA experiment: waits for its runs (run by the flow's scheduler) to end."""
+    experiments, tracker = _BATCHES[batch]
+    tracker.task_started(experiment, get_run_context().task_run.id)
+    records = experiments.wait(experiment)
+    failed = [r for r in records if not r.ok]
+    result = {"experiment": experiment, "runs": runs, "ended": len(records),
+              "succeeded": len(records) - len(failed), "failed": len(failed)}
+    if failed or len(records) < runs:
+        names = ", ".join(r.name for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        return Failed(message=f"{experiment}: {len(failed)} of {runs} runs failed ({names}), "
+                              f"{runs - len(records)} did not end", data=result)
+    return result
 
 
 @contextmanager
@@ -210,38 +223,61 @@ def _publish(summary: BatchSummary) -> None:
         )
 
 
+def _failed_run(record: RunRecord) -> FailedRun:
+    return FailedRun(
+        name=record.name, run_id=record.run_id, command=record.command,
+        exit_code=record.exit_code, timed_out=record.timed_out, attempt=record.attempt,
+        stdout=record.stdout,
+        stderr=f"{record.stderr} ({record.error})" if record.error else record.stderr,
+        stderr_tail=record.error or tail(Path(record.stderr)),
+    )
+
+
+def _crashed_record(run: RunSpec, scratch: Path, error: BaseException) -> RunRecord:
+    logs = str(run_dir(scratch, run))
+    return RunRecord(run.index, run.name, run.run_id, run.command, None, False, 0.0, 0,
+                     logs, logs, error=repr(error))
+
+
 def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
-              run_timeout: float | None) -> tuple[int, list[FailedRun]]:
-    """Run ``todo`` in this flow run, at most ``cap`` at once; (succeeded, failed runs)."""
-    succeeded, failed_runs = 0, []
-    with _runs_end_with_the_flow(), ThreadPoolTaskRunner(max_workers=cap) as runner:
-        futures = [
-            runner.submit(
-                run_one,
-                parameters={
-                    "name": r.name,
-                    "run_id": r.run_id,
-                    "command": r.command,
-                    "index": r.index,
-                    "scratch_root": str(scratch),
-                    "workdir": workdir,
-                    "run_timeout": run_timeout,
-                },
-            )
-            for r in todo
-        ]
-        for run, future in zip(todo, futures, strict=True):
-            future.wait()
-            state = future.state
-            outcome = state.result(raise_on_failure=False)
-            if state.is_completed():
-                succeeded += 1
-            elif isinstance(outcome, dict):
-                failed_runs.append(FailedRun.model_validate(outcome))
-            else:
-                # The task itself crashed (not the command): report what we know.
-                failed_runs.append(_crashed(run, scratch, outcome))
-    return succeeded, failed_runs
+              run_timeout: float | None, tracker: Tracker) -> tuple[int, list[FailedRun]]:
+    """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs).
+
+    The flow's main thread runs the scheduler's loop; one task run per experiment shows
+    the grouping in the UI and ends with its experiment's runs.
+    """
+    flow_run_id = str(get_run_context().flow_run.id)
+    experiments = _Experiments(todo)
+    _BATCHES[flow_run_id] = (experiments, tracker)
+
+    def done(run: RunSpec, record: RunRecord) -> None:
+        tracker.finished(record)
+        experiments.finished(run.experiment, record)
+
+    try:
+        with ThreadPoolTaskRunner(max_workers=max(1, len(experiments.left))) as runner:
+            tasks = [runner.submit(experiment_runs, parameters={
+                        "experiment": name, "runs": count, "batch": flow_run_id})
+                     for name, count in experiments.left.items()]
+            try:
+                with _runs_end_with_the_flow():
+                    Scheduler(cap).run(
+                        todo,
+                        execute=lambda run: execute_run(run, scratch, Path(workdir), run_timeout,
+                                                        flow_run_id),
+                        on_start=tracker.started,
+                        on_done=done,
+                        on_error=lambda run, exc: _crashed_record(run, scratch, exc),
+                    )
+            finally:
+                experiments.release()
+            for future in tasks:
+                future.wait()
+    finally:
+        _BATCHES.pop(flow_run_id, None)
+    records = [r for group in experiments.records.values() for r in group]
+    failed = sorted((r for r in records if not r.ok), key=lambda r: r.index)
+    return len(records) - len(failed), [_failed_run(r) for r in failed]
 
 
 @flow(name="sierra", log_prints=False, persist_result=False)
@@ -300,7 +336,7 @@ def sierra(
                         "run_timeout": run_timeout, "workdir": workdir,
                         "spread_group": str(get_run_context().flow_run.id)},
             job_variables=get_run_context().flow_run.job_variables or None,
-            scratch=scratch, logger=logger,
+            scratch=scratch, logger=logger, tags=list(get_run_context().flow_run.tags or []),
         )
         fan.run(todo, spread)
         succeeded, failed_runs, workers = fan.succeeded, fan.failed_runs, fan.workers
@@ -313,7 +349,10 @@ def sierra(
             logger.info("%d runs (%d already done), at most %d at once on %s",
                         len(runs), skipped, cap, worker)
             _end_stragglers(scratch, todo, logger)
-            succeeded, failed_runs = _run_here(todo, scratch, workdir or str(inp), cap, run_timeout)
+            flow_run_id = get_run_context().flow_run.id
+            with Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
+                succeeded, failed_runs = _run_here(todo, scratch, workdir or str(inp), cap,
+                                                   run_timeout, tracker)
         workers = {worker: len(todo)}
 
     summary = summary.model_copy(update={
@@ -333,14 +372,3 @@ def _deployment_name() -> str | None:
     name = deployment.name
     return f"{flow_run.flow_name}/{name}" if name else None
 
-
-def _crashed(run: RunSpec, scratch: Path, error: object) -> FailedRun:
-    logs = run_dir(scratch, run)
-    return FailedRun(
-        name=run.name,
-        run_id=run.run_id,
-        command=run.command,
-        exit_code=None,
-        stdout=str(logs),
-        stderr=f"{logs} ({error!r})",
-    )

@@ -75,6 +75,7 @@ class FanOut:
     job_variables: dict | None
     scratch: Path
     logger: object
+    tags: list[str] = field(default_factory=list)  # the parent's: the batch's tag
     succeeded: int = 0
     failed_runs: list[FailedRun] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
@@ -99,6 +100,7 @@ class FanOut:
                             parameters={**self.parameters,
                                         "only_runs": [r.index for r in chunk.runs]},
                             job_variables=self.job_variables,
+                            tags=self.tags,
                             timeout=0,
                             as_subflow=True,
                         )

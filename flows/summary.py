@@ -6,11 +6,33 @@ source of the markdown artifact a person reads in the Prefect UI.
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, Field
 
 # Keys of the artifacts the flow publishes: markdown for people, JSON for the shim.
 SUMMARY_KEY = "sierra-summary"
 SUMMARY_JSON_KEY = "sierra-summary-json"
+# The progress artifact's description: what the UI shows and what the shim reads back.
+_PROGRESS = re.compile(
+    r"^(\d+) of (\d+) runs done: (\d+) succeeded, (\d+) failed, (\d+) skipped"
+)
+FENCE = "`" * 3
+
+
+def progress_text(total: int, succeeded: int, failed: int, skipped: int) -> str:
+    done = succeeded + failed + skipped
+    return (f"{done} of {total} runs done: {succeeded} succeeded, {failed} failed, "
+            f"{skipped} skipped")
+
+
+def parse_progress(text: str | None) -> tuple[int, int, int, int] | None:
+    """(total, succeeded, failed, skipped) from ``progress_text``'s line, else None."""
+    found = _PROGRESS.match(text or "")
+    if not found:
+        return None
+    _, total, succeeded, failed, skipped = map(int, found.groups())
+    return total, succeeded, failed, skipped
 
 
 class FailedRun(BaseModel):
@@ -21,6 +43,9 @@ class FailedRun(BaseModel):
     timed_out: bool = False
     stdout: str
     stderr: str
+    attempt: int | None = None
+    # The last lines of the attempt's stderr, so the reason shows without opening a file.
+    stderr_tail: str = ""
 
 
 class BatchSummary(BaseModel):
@@ -67,6 +92,10 @@ class BatchSummary(BaseModel):
                 lines.append(
                     f"| {run.name} | {code} | `{command}` | `{run.stdout}` | `{run.stderr}` |"
                 )
+            for run in self.failed_runs:
+                if run.stderr_tail:
+                    lines += ["", f"### {run.name}: last lines of stderr", "", FENCE,
+                              run.stderr_tail.replace(FENCE, "` ` `"), FENCE]
         return "\n".join(lines) + "\n"
 
 

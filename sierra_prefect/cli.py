@@ -204,8 +204,10 @@ def run(
     from sierra_prefect.docker import parse_mount
     from sierra_prefect.trigger import Trigger, parse_param, trigger
 
-    connection = _stack(_settings(), quiet=True).connection()
+    settings = _settings()
+    connection = _stack(settings, quiet=True).connection()
     request = Trigger(
+        busy_deadline=settings.busy_deadline,
         deployment=deployment,
         input_root=input_root,
         scratch_root=scratch_root,
@@ -251,6 +253,8 @@ def _report(outcome, as_json: bool) -> None:
         out.print(f"  FAILED {failed.name} ({code}): {failed.command}", highlight=False)
         out.print(f"         stdout {failed.stdout}", highlight=False)
         out.print(f"         stderr {failed.stderr}", highlight=False)
+        for line in failed.stderr_tail.splitlines():
+            out.print(f"         | {line}", highlight=False, markup=False)
     out.print(f"details: {outcome.ui_url}")
 
 

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     )
     server_start_timeout: float = Field(120.0, description="Deadline for a healthy server.")
     worker_start_timeout: float = Field(60.0, description="Deadline for a worker online.")
+    busy_deadline: float = Field(
+        120.0, gt=0, description="How long `run` waits for a busy server (HTTP 503, no answer) "
+        "before the flow run exists, showing why, before it fails with one line.",
+    )
 
     @field_validator("home", "project_dir")
     @classmethod

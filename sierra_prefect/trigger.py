@@ -2,14 +2,24 @@
 
 ``trigger`` validates the inputs as the flow will (same code: ``flows.plan``), checks the
 server, the deployment and its pool, starts a flow run with Prefect's ``run_deployment``
-and ``follow`` shows progress (task-run counts by state, from the API) until the run is
-final, then reads the summary artifact the flow wrote. Ctrl-C cancels the flow run.
+(tagged with the batch, ``flows.plan.batch_tag``) and ``follow`` shows progress (the
+flow's progress artifacts, read with the public API) until the run is final, then reads
+the summary artifact the flow wrote. Ctrl-C cancels the flow run.
+
+A busy server (HTTP 429/502/503/504, no answer in time, refused connections) never ends
+in a traceback: every call waits for it with a visible reason ("server busy (HTTP 503)
+..., retrying for up to N s") until ``busy_deadline`` (setting
+``SIERRA_PREFECT_BUSY_DEADLINE``), then fails with one line. Prefect's own silent retries
+are off inside ``trigger`` (they hid a 115 s wait behind one call), and the flow run is
+created with an idempotency key, so a retried create never starts the batch twice.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -19,8 +29,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # Prefect itself (and the flow module, which imports it) is imported only once the
 # inputs are known to be good: bad input fails fast.
-from flows.plan import BatchInputError, check_roots, is_done, plan_runs, prepare_scratch, read_commands
-from flows.summary import BatchSummary, read_summary
+from flows.plan import (
+    BatchInputError,
+    batch_tag,
+    check_roots,
+    is_done,
+    plan_runs,
+    prepare_scratch,
+    read_commands,
+)
+from flows.summary import BatchSummary, parse_progress, read_summary
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.versions import check_versions
@@ -30,6 +48,13 @@ CANCEL_DEADLINE_SECONDS = 60.0
 CRASHED_GRACE_SECONDS = 15.0
 # How long `run` keeps following while the server does not answer (e.g. a restart).
 OUTAGE_DEADLINE_SECONDS = 300.0
+# How long `run` waits for a busy server before the flow run exists (default of the
+# setting SIERRA_PREFECT_BUSY_DEADLINE).
+BUSY_DEADLINE_SECONDS = 120.0
+# Answers that mean "busy, ask again": too many requests, bad gateway, unavailable, timeout.
+BUSY_STATUS = frozenset({429, 502, 503, 504})
+# One request gets at most this long before it counts as "no answer in time".
+REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -52,6 +77,11 @@ class Trigger:
     image: str | None = None
     host_user: bool = False
     mounts: list[str] = field(default_factory=list)
+    busy_deadline: float = BUSY_DEADLINE_SECONDS
+
+    @property
+    def tags(self) -> list[str]:
+        return [batch_tag(self.input_root)]
 
     @property
     def wants_docker(self) -> bool:
@@ -199,33 +229,124 @@ def _check_params(deployment, params: dict[str, Any]) -> None:
         )
 
 
+def busy_reason(exc: BaseException) -> str | None:
+    """Why a call failed if the server is busy or unreachable (worth waiting for), else None."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(exc, PrefectHTTPStatusError | httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return f"HTTP {code}" if code in BUSY_STATUS else None
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    if isinstance(exc, httpx.TransportError):
+        return f"cannot connect: {exc.__class__.__name__}"
+    return None
+
+
+@dataclass
+class Patience:
+    """Calls to a server that may be busy: wait with a visible reason, up to a deadline."""
+
+    api_url: str
+    deadline: float
+    console: Console
+
+    def call(self, what: str, fn, *args, **kwargs):
+        started = time.monotonic()
+        delay, told = 0.5, None
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                reason = busy_reason(exc)
+                if reason is None:
+                    raise
+                waited = time.monotonic() - started
+                if waited >= self.deadline:
+                    raise ShimError(
+                        f"Prefect server at {self.api_url} stayed busy ({reason}) for "
+                        f"{waited:.0f} s while {what}; nothing was started: try again later, or "
+                        "wait longer with SIERRA_PREFECT_BUSY_DEADLINE=SECONDS"
+                    ) from None
+                if reason != told:
+                    self.console.print(
+                        f"[yellow]server busy ({reason}) while {what}: retrying for up to "
+                        f"{self.deadline - waited:.0f} s[/yellow]", highlight=False)
+                    told = reason
+                time.sleep(min(delay, max(0.0, self.deadline - waited)))
+                delay = min(delay * 2, 5.0)
+
+
+@contextmanager
+def _our_retries(connection: Connection, deadline: float):
+    """Prefect's client pointed at the server, its own retries off (``Patience`` retries,
+    visibly), and no request waiting longer than the deadline allows."""
+    from prefect.settings import (
+        PREFECT_API_REQUEST_TIMEOUT,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
+
+    timeout = min(PREFECT_API_REQUEST_TIMEOUT.value(), REQUEST_TIMEOUT_SECONDS, max(deadline, 1.0))
+    with connection.prefect_settings(), temporary_settings(
+            {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: timeout}):
+        yield
+
+
 def trigger(connection: Connection, request: Trigger, console: Console) -> Outcome:
     total, done = plan_locally(request)
+    patience = Patience(connection.api_url, request.busy_deadline, console)
+    with _our_retries(connection, request.busy_deadline):
+        try:
+            return _trigger(connection, request, console, patience, total, done)
+        except ShimError:
+            raise
+        except Exception as exc:
+            reason = busy_reason(exc) or _status_of(exc)
+            if reason is None:
+                raise
+            raise ShimError(f"Prefect server at {connection.api_url} failed the request "
+                            f"({reason}): see its log; the batch's ledger is under "
+                            f"{request.scratch_root}") from None
+
+
+def _status_of(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return f"HTTP {code}" if code else None
+
+
+def _trigger(connection: Connection, request: Trigger, console: Console, patience: Patience,
+             total: int, done: int) -> Outcome:
     from prefect.deployments import run_deployment
 
     with connection.client() as client:
-        deployment = check_deployment(client, connection, request.deployment, request.work_pool,
-                                      image=request.image, console=console)
+        deployment = patience.call(
+            f"checking {request.deployment}", check_deployment, client, connection,
+            request.deployment, request.work_pool, image=request.image, console=console)
         _check_params(deployment, request.parameters())
-        _docker_job_variables(client, deployment, request)
-        if not _pool_has_workers(client, deployment.work_pool_name):
+        patience.call("reading the work pool", _docker_job_variables, client, deployment, request)
+        if not patience.call("reading the workers", _pool_has_workers, client,
+                             deployment.work_pool_name):
             console.print(
                 f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
                 f"waits until one starts (`prefect worker start --pool "
                 f"{deployment.work_pool_name}` or `sierra-prefect up`)[/yellow]"
             )
-        with connection.prefect_settings():
-            flow_run = run_deployment(
-                request.deployment,
-                parameters=request.parameters(),
-                job_variables=request.job_variables or None,
-                work_queue_name=request.work_queue,
-                timeout=0,
-                as_subflow=False,
-            )
+        # One key for every attempt: a create the server did but could not confirm
+        # (timeout, 503) is found again, not repeated.
+        key = str(uuid.uuid4())
+        flow_run = patience.call(
+            "creating the flow run", run_deployment, request.deployment,
+            parameters=request.parameters(), job_variables=request.job_variables or None,
+            work_queue_name=request.work_queue, tags=request.tags, idempotency_key=key,
+            timeout=0, as_subflow=False)
         ui_url = f"{connection.ui_url}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
-        return follow(client, flow_run.id, total, done, console, ui_url)
+        console.print(f"batch tag {request.tags[0]} (filter the UI's flow runs by it)",
+                      highlight=False)
+        return follow(client, flow_run.id, total, done, console, ui_url, patience)
 
 
 def _docker_job_variables(client, deployment, request: Trigger) -> None:
@@ -253,35 +374,45 @@ def _pool_has_workers(client, pool: str) -> bool:
     )
 
 
-def task_counts(client, flow_run_id: UUID) -> dict[str, int]:
-    """Task runs of a flow run (and its children) by state type, in one request."""
-    response = client.request(
-        "POST",
-        "/ui/task_runs/count",
-        # The flow run and, with --spread, its child flow runs.
-        json={"flow_runs": {"operator": "or_", "id": {"any_": [str(flow_run_id)]},
-                            "parent_flow_run_id": {"any_": [str(flow_run_id)]}},
-              # Not the parent's stand-in task runs for its child flow runs.
-              "task_runs": {"subflow_runs": {"exists_": False}}},
+def progress_counts(client, flow_run_id: UUID) -> tuple[int, int]:
+    """Runs finished so far (succeeded, failed), from the progress artifacts of the flow run
+    and, with --spread, of its child flow runs: one read of Prefect's public API."""
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
     )
-    response.raise_for_status()
-    return {k.upper(): v for k, v in response.json().items()}
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+        flow_run_filter=FlowRunFilter(
+            operator="or_", id=FlowRunFilterId(any_=[flow_run_id]),
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])),
+    )
+    ok = bad = 0
+    for artifact in artifacts:
+        counts = parse_progress(artifact.description)
+        if counts:
+            ok, bad = ok + counts[1], bad + counts[2]
+    return ok, bad
 
 
-def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, ui_url: str) -> Outcome:
+def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, ui_url: str,
+           patience: Patience) -> Outcome:
     """Wait for the flow run to end, showing progress; Ctrl-C cancels it.
 
-    The last progress shown comes from the flow's summary, not from the polls: the server
-    records task-run states asynchronously (events), so the poll that sees the flow run
-    final may still count some finished runs as running.
+    The last progress shown comes from the flow's summary, not from the polls: the flow
+    writes its progress artifact in batches (about once a second).
     """
     with _ProgressView(console, total, done) as view:
         try:
-            state = _poll(client, flow_run_id, view.show)
+            state = _poll(client, flow_run_id, view.show, console)
         except KeyboardInterrupt:
             console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
-            state = cancel(client, flow_run_id)
-        summary = read_summary(client, flow_run_id)
+            state = patience.call("cancelling the flow run", cancel, client, flow_run_id)
+        summary = patience.call("reading the summary", read_summary, client, flow_run_id)
         if summary is not None:
             view.finish(summary)
     return Outcome(flow_run_id, state.type.value, state.message, summary, ui_url)
@@ -328,7 +459,7 @@ class _ProgressView:
                            f"({bad} failed, {skipped} skipped)")
 
 
-def _poll(client, flow_run_id: UUID, show) -> Any:
+def _poll(client, flow_run_id: UUID, show, console: Console) -> Any:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
@@ -336,20 +467,24 @@ def _poll(client, flow_run_id: UUID, show) -> Any:
     while True:
         try:
             flow_run = client.read_flow_run(flow_run_id)
-            counts = task_counts(client, flow_run_id)
+            ok, bad = progress_counts(client, flow_run_id)
         except (httpx.HTTPError, PrefectHTTPStatusError) as exc:
             # The batch goes on without the server; keep following until it is back.
-            down_since = down_since or time.monotonic()
+            reason = busy_reason(exc) or _status_of(exc) or exc.__class__.__name__
+            if down_since is None:
+                down_since = time.monotonic()
+                console.print(f"[yellow]server busy ({reason}): the batch goes on; following "
+                              f"again when it answers, for up to {OUTAGE_DEADLINE_SECONDS:.0f} s"
+                              "[/yellow]", highlight=False)
             if time.monotonic() - down_since > OUTAGE_DEADLINE_SECONDS:
                 raise ShimError(
-                    f"lost the Prefect server for {OUTAGE_DEADLINE_SECONDS:.0f} s "
-                    f"({exc.__class__.__name__}): "
+                    f"lost the Prefect server for {OUTAGE_DEADLINE_SECONDS:.0f} s ({reason}): "
                     f"the batch may still be running; re-run the same command to resume it"
                 ) from None
             time.sleep(1.0)
             continue
         down_since = None
-        show(counts.get("COMPLETED", 0), counts.get("FAILED", 0) + counts.get("CRASHED", 0))
+        show(ok, bad)
         if flow_run.state and flow_run.state.is_final():
             return flow_run.state
         time.sleep(POLL_SECONDS)

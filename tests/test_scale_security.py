@@ -177,15 +177,18 @@ def test_postgres_stack_runs_a_batch_and_keeps_the_password_secret(pg_stack, pos
     for i in range(runs):
         assert (out / f"run{i}.txt").read_text() == f"run{i}\n"
 
-    # The server really keeps its state in PostgreSQL: the flow run and its 20 task runs
-    # are rows there, read with psql as Prefect's database user.
+    # The server really keeps its state in PostgreSQL: the flow run, its experiment's task
+    # run and its progress artifact are rows there, read with psql as Prefect's user.
     flow_run_id = summary["flow_run_id"]
     assert int(postgres.psql("SELECT count(*) FROM flow_run")) >= 1
     assert postgres.psql(f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
+    assert postgres.psql(f"SELECT description FROM artifact WHERE flow_run_id = '{flow_run_id}' "
+                         "AND type = 'progress'") == \
+        f"{runs} of {runs} runs done: {runs} succeeded, 0 failed, 0 skipped"
     # Task runs reach the database from their events, asynchronously: wait, with a deadline.
-    wait_until(lambda: int(postgres.psql(
-        f"SELECT count(*) FROM task_run WHERE flow_run_id = '{flow_run_id}'")) == runs,
-        60, f"the {runs} task runs in PostgreSQL")
+    wait_until(lambda: postgres.psql(
+        f"SELECT name FROM task_run WHERE flow_run_id = '{flow_run_id}'") == "batch",
+        60, "the experiment's one task run in PostgreSQL")
 
     # Nor does the password land in the stack's own files (state, logs).
     for path in stack.home.rglob("*"):
