@@ -2,7 +2,8 @@
 
 One loop over a queue asks one question of each run at the head: *is there room for
 this run now?* Today room means "fewer than ``cap`` runs running"; cores per run, memory
-admission and retries are the same question with more terms (``has_room``), answered in
+admission and retries are the same question with more terms (``has_room``, with
+``admit``/``release`` keeping the books under the same lock), answered in
 the same loop, so a run waiting for memory never holds a CPU slot.
 
 The loop runs in the caller's thread (the flow's main thread, so a SIGTERM reaches it);
@@ -42,6 +43,14 @@ class Scheduler(Generic[Run, Result]):
         """Whether ``run`` may start now. Called with the lock held."""
         return self.running < self.cap
 
+    def admit(self, run: Run) -> None:
+        """Take the room ``run`` needs (with the lock held, right after ``has_room``)."""
+        self.running += 1
+
+    def release(self, run: Run) -> None:
+        """Give back what ``admit`` took (with the lock held)."""
+        self.running -= 1
+
     def run(
         self,
         queue: Iterable[Run],
@@ -59,7 +68,7 @@ class Scheduler(Generic[Run, Result]):
                 with self._room:
                     self._room.wait_for(lambda run=head: self.has_room(run))
                     pending.popleft()
-                    self.running += 1
+                    self.admit(head)
                     self.most_at_once = max(self.most_at_once, self.running)
                 pool.submit(self._one, head, execute, on_start, on_done, on_error)
 
@@ -72,6 +81,6 @@ class Scheduler(Generic[Run, Result]):
                 result = on_error(run, exc)
         finally:
             with self._room:
-                self.running -= 1
+                self.release(run)
                 self._room.notify_all()
         on_done(run, result)

@@ -123,3 +123,135 @@ def test_commands_not_utf8_end_run_with_one_line(stack, tmp_path):
                      "save it as UTF-8 or regenerate it with SIERRA stage 1"], result.stderr
     assert (batch / "commands.txt").read_bytes() == content
     assert not list(tmp_path.glob("ran-*")) and not scratch.exists()
+
+
+# -- what the UI shows: read back from the real server with Prefect's client ------------
+
+def _flow_run_id(summary_state):
+    return summary_state.state_details.flow_run_id
+
+
+def _artifacts(flow_run_id, kind: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=[kind])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def test_ui_shows_a_task_run_per_experiment_progress_and_run_tables(prefect_api, tmp_path,
+                                                                   monkeypatch):
+    import json
+
+    import flows.tracking
+
+    monkeypatch.setattr(flows.tracking, "PAGE_ROWS", 2)  # c1-exp0's 3 runs fill 2 pages
+    out = tmp_path / "out"
+    batch, scratch = make_batch(tmp_path, [
+        f"echo c1-exp0 > {out}-0", f"echo c1-exp0 > {out}-1", f"echo c1-exp0 > {out}-2",
+        "echo c1-exp1 ok",
+        "echo c1-exp1; for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line-$i >&2; done; exit 4",
+    ])
+    state, summary = run_flow(input_root=str(batch), scratch_root=str(scratch), max_parallel=2)
+    assert state.is_failed() and (summary["succeeded"], summary["failed"]) == (4, 1)
+    [failed] = summary["failed_runs"]
+    # The last lines of its stderr are in the summary (and so in the CLI and the UI).
+    assert failed["stderr_tail"] == "\n".join(f"line-{i}" for i in range(3, 13))
+    assert failed["attempt"] == 1
+    flow_run_id = _flow_run_id(state)
+
+    # One task run per experiment (not one per run), reaching the server through events.
+    tasks = wait_until(lambda: (t := _task_runs(flow_run_id)) and
+                       all(r.state and r.state.is_final() for r in t.values()) and
+                       len(t) == 2 and t, 60, "the experiments' task runs to be final")
+    assert sorted(tasks) == ["c1-exp0", "c1-exp1"]
+    assert tasks["c1-exp0"].state.is_completed() and tasks["c1-exp1"].state.is_failed()
+
+    [progress] = _artifacts(flow_run_id, "progress")
+    assert progress.data == 100.0
+    assert progress.description == "5 of 5 runs done: 4 succeeded, 1 failed, 0 skipped"
+
+    tables = {a.description: a for a in _artifacts(flow_run_id, "table")}
+    assert sorted(tables) == ["c1-exp0: runs (page 1)", "c1-exp0: runs (page 2)",
+                              "c1-exp1: runs (page 1)"]
+    rows = {row["run"]: row for a in tables.values() for row in json.loads(a.data)}
+    assert sorted(rows) == ["c1-exp0-run0", "c1-exp0-run1", "c1-exp0-run2", "c1-exp1-run0",
+                            "c1-exp1-run1"]
+    bad = rows["c1-exp1-run1"]
+    assert (bad["state"], bad["exit code"], bad["attempt"]) == ("FAILED", 4, 1)
+    assert bad["stderr"] == failed["stderr"] and bad["stdout"] == failed["stdout"]
+    good = rows["c1-exp0-run2"]
+    assert (good["state"], good["exit code"]) == ("COMPLETED", 0) and good["seconds"] >= 0
+    assert Path(good["stdout"]).name == "attempt-001.stdout"
+    # Each table hangs off its experiment's task run: batch -> experiment -> run.
+    assert tables["c1-exp1: runs (page 1)"].task_run_id == tasks["c1-exp1"].id
+    assert tables["c1-exp0: runs (page 2)"].task_run_id == tasks["c1-exp0"].id
+
+    [markdown] = _artifacts(flow_run_id, "markdown")
+    assert "line-12" in markdown.data and "c1-exp1-run1: last lines of stderr" in markdown.data
+
+
+def test_progress_and_run_states_are_live_while_the_batch_runs(prefect_api, tmp_path):
+    import contextvars
+    import json
+    import threading
+
+    go = tmp_path / "go"
+    batch, scratch = make_batch(tmp_path, [
+        "true", "true", "true", f"while [ ! -e {go} ]; do sleep 0.05; done",
+    ])
+    result = {}
+    context = contextvars.copy_context()  # the prefect_api settings, in the thread too
+    name = f"live-{tmp_path.name}"  # to find this flow run's artifacts among others
+    named = sierra.with_options(flow_run_name=name)
+    thread = threading.Thread(target=context.run, args=(lambda: result.update(
+        state=named(input_root=str(batch), scratch_root=str(scratch), max_parallel=4,
+                    return_state=True)),))
+    thread.start()
+    try:
+        def progress_of_this_batch():
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.filters import (
+                ArtifactFilter,
+                ArtifactFilterType,
+                FlowRunFilter,
+                FlowRunFilterName,
+            )
+
+            with get_client(sync_client=True) as client:
+                found = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                    flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            return [a for a in found if a.description == "3 of 4 runs done: 3 succeeded, "
+                    "0 failed, 0 skipped"]
+
+        [progress] = wait_until(progress_of_this_batch, 60, "the progress artifact at 3 of 4")
+        assert progress.data == 75.0
+        tables = wait_until(lambda: _artifacts(progress.flow_run_id, "table"), 30, "a run table")
+        rows = {row["run"]: row["state"] for row in json.loads(tables[0].data)}
+        assert rows["batch-run3"] == "RUNNING"
+        assert thread.is_alive()
+    finally:
+        go.touch()
+        thread.join(60)
+    assert result["state"].is_completed()
+    [progress] = _artifacts(progress.flow_run_id, "progress")
+    assert progress.description == "4 of 4 runs done: 4 succeeded, 0 failed, 0 skipped"

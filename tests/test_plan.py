@@ -173,3 +173,120 @@ def test_flows_import_no_circle():
 
     cycles = [c for m in graph if (c := cycle_from(m, [m]))]
     assert not cycles, f"import cycles in flows/: {cycles}"
+
+
+# -- the scheduler: the only place that decides how many runs go at once ---------------
+
+def _schedule(scheduler, durations: list[float]):
+    """Run 'runs' that sleep; record (start, end, running-at-start) per run."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    log, starts = {}, []
+
+    def execute(i):
+        started = time.monotonic()
+        with lock:
+            starts.append(i)
+        time.sleep(durations[i])
+        return (started, time.monotonic())
+
+    scheduler.run(range(len(durations)), execute=execute,
+                  on_done=lambda i, result: log.__setitem__(i, result),
+                  on_error=lambda i, exc: exc)
+    return log, starts
+
+
+def test_scheduler_holds_the_cap_exactly_and_leaves_no_slot_idle():
+    from flows.scheduler import Scheduler
+
+    # Run 0 is long; the short ones must flow through the other two slots meanwhile.
+    durations = [1.5] + [0.05] * 12
+    scheduler = Scheduler(3)
+    log, starts = _schedule(scheduler, durations)
+    assert sorted(log) == list(range(13)) and starts == list(range(13))  # in queue order
+    assert scheduler.most_at_once == 3 and scheduler.running == 0
+    events = sorted([(s, 1) for s, _ in log.values()] + [(e, -1) for _, e in log.values()],
+                    key=lambda ev: (ev[0], ev[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 3
+    # 12 short runs over 2 free slots take ~6 x 0.05 s: all done before the long one,
+    # which they could not be if a slot idled while runs waited.
+    assert max(log[i][1] for i in range(1, 13)) < log[0][1]
+
+
+def test_scheduler_asks_has_room_for_the_run_at_the_head():
+    """Admission beyond the cap (e.g. memory) is the same question: a subclass answers it."""
+    from flows.scheduler import Scheduler
+
+    class Weighted(Scheduler):
+        """Room for runs whose weights sum to at most 2 (run 0 weighs 2)."""
+
+        def __init__(self):
+            super().__init__(cap=4)
+            self.weight = self.most_weight = 0
+
+        def has_room(self, run):
+            return self.weight + (2 if run == 0 else 1) <= 2 and super().has_room(run)
+
+        def admit(self, run):
+            super().admit(run)
+            self.weight += 2 if run == 0 else 1
+            self.most_weight = max(self.most_weight, self.weight)
+
+        def release(self, run):
+            super().release(run)
+            self.weight -= 2 if run == 0 else 1
+
+    def execute(run):
+        import time
+        time.sleep(0.05)
+        return run
+
+    scheduler = Weighted()
+    done = []
+    scheduler.run(range(5), execute=execute,
+                  on_done=lambda run, result: done.append(result), on_error=lambda r, e: e)
+    assert sorted(done) == list(range(5))
+    assert scheduler.most_weight == 2 and scheduler.most_at_once == 2 and scheduler.weight == 0
+
+
+def test_scheduler_reports_a_run_that_could_not_execute_and_goes_on():
+    from flows.scheduler import Scheduler
+
+    def execute(run):
+        if run == 1:
+            raise OSError("no space left")
+        return "ok"
+
+    results = {}
+    Scheduler(2).run(range(3), execute=execute,
+                     on_done=lambda run, result: results.__setitem__(run, result),
+                     on_error=lambda run, exc: f"error: {exc}")
+    assert results == {0: "ok", 1: "error: no space left", 2: "ok"}
+
+
+def test_batch_tag_is_the_same_for_a_batch_and_each_of_its_experiments(tmp_path):
+    from flows.plan import batch_tag
+
+    batch = tmp_path / "toysim-toyparam.C2"
+    per_batch = batch_tag(str(batch / "exp-inputs"))
+    assert per_batch == batch_tag(str(batch / "exp-inputs" / "c1-exp0"))
+    assert per_batch == batch_tag(str(batch / "exp-inputs" / "c1-exp1"))
+    assert per_batch.startswith("sierra-batch:toysim-toyparam.C2-")
+    assert batch_tag(str(tmp_path / "other" / "exp-inputs")) != per_batch
+
+
+def test_tail_gives_the_last_lines_of_a_log(tmp_path):
+    from flows.plan import tail
+
+    log = tmp_path / "attempt-001.stderr"
+    log.write_text("".join(f"line {i}\n" for i in range(1, 5001)))
+    assert tail(log, lines=3) == "line 4998\nline 4999\nline 5000"
+    assert tail(tmp_path / "missing") == ""
+    log.write_bytes(b"\xff\xfebad bytes\n")
+    assert tail(log) == "\ufffd\ufffdbad bytes"
