@@ -266,6 +266,19 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_pss(pid: int) -> int:
+    """PSS (bytes) of a process tree: pages shared between its processes (a forked
+    flow-run process and the warm engine it came from) are counted once in total, not
+    once per process as RSS does. Needs root or the same user (``/proc/PID/smaps``)."""
+    total = 0
+    for proc in tree(pid):
+        try:
+            total += proc.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
 class _Periodic:
     """Calls ``sample()`` every ``interval`` seconds on a thread, from ``with`` to its end."""
 
@@ -292,18 +305,49 @@ class _Periodic:
 
 
 class RssSampler(_Periodic):
-    """Peak RSS (bytes) of process trees, sampled in a thread: ``{role: [root pids]}``."""
+    """Peak RSS and PSS (bytes) of process trees, sampled in a thread: ``{role: [root pids]}``.
 
-    def __init__(self, roots: dict[str, list[int]], interval: float = 0.1) -> None:
+    RSS every ``interval`` seconds; PSS (reading smaps costs more) every ``pss_every``-th
+    sample, and on the first.
+    """
+
+    def __init__(self, roots: dict[str, list[int]], interval: float = 0.1,
+                 pss_every: int = 5) -> None:
         super().__init__(interval, "rss-sampler")
         self.roots = roots
+        self.pss_every = pss_every
         self.peaks: dict[str, int] = {role: 0 for role in roots}
+        self.pss_peaks: dict[str, int] = {role: 0 for role in roots}
         self.samples = 0
 
     def sample(self) -> None:
         for role, pids in self.roots.items():
             self.peaks[role] = max(self.peaks[role], sum(tree_rss(p) for p in pids))
+            if self.samples % self.pss_every == 0:
+                self.pss_peaks[role] = max(self.pss_peaks[role], sum(tree_pss(p) for p in pids))
         self.samples += 1
+
+    def mib(self) -> dict:
+        """``{"server_mib": .., "server_pss_mib": .., "worker_mib": .., ...}`` and the count."""
+        out: dict = {"samples": self.samples}
+        for role in self.roots:
+            out[f"{role}_mib"] = self.peaks[role] / 2**20
+            out[f"{role}_pss_mib"] = self.pss_peaks[role] / 2**20
+        return out
+
+
+def stack_memory_roots(pids: dict) -> dict[str, list[int]]:
+    """The process trees whose memory is measured: the server's, and the worker side's
+    (the workers, the warm engine with the flow-run processes it forks and their runs)."""
+    return {"server": [pids["server"]] if pids.get("server") else [],
+            "worker": [*(pids.get("workers") or []),
+                       *([pids["warm_engine"]] if pids.get("warm_engine") else [])]}
+
+
+def done_markers(scratch: Path) -> int:
+    """Runs that succeeded, from the batch's ledger (``<scratch>/sierra-prefect/runs/*/done.json``,
+    flows/plan.py): independent of how the flow reports progress."""
+    return sum(1 for _ in (scratch / "sierra-prefect" / "runs").glob("*/done.json"))
 
 
 @dataclass(frozen=True)

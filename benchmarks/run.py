@@ -9,11 +9,14 @@ Measures, in one run on this machine, side by side (see benchmarks/README.md):
 3. trigger latency,
 4. bring-up cold and warm,
 5. SIERRA stage 2 end to end (prefectdeploy.local vs hpc.local vs prefectserver.local),
-6. peak memory of the server and the worker.
+   per-batch and per-experiment,
+6. peak memory of the server and the worker,
+7. scale: a 20,000-run batch (API reads, server log, memory growth against 2,000 runs).
 
 Writes ``--out`` (default ``BENCHMARKS.md`` at the repository root), the plot at
 ``<out dir>/benchmarks/plot.png`` and the raw results as JSON under
-``<out dir>/benchmarks/results/``. ``--smoke`` runs every measurement at tiny sizes
+``<out dir>/benchmarks/results/`` (a full run also as ``latest.json``, kept in the
+repository so ``--render`` can rewrite the report). ``--smoke`` runs every measurement at tiny sizes
 (one repeat) so the test suite can check that the harness still produces its table.
 Exit status 0 iff every measurement ran (a missed target is not an error).
 """
@@ -38,10 +41,12 @@ if TYPE_CHECKING:
     from benchmarks.common import Stack
 
 FULL = dict(concurrency_n=64, concurrency_seconds=0.5, cap=4, overhead_n=2000,
-            sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0)
+            sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0,
+            scale_n=20000, scale_timeout=2400.0)
 SMOKE = dict(concurrency_n=8, concurrency_seconds=0.2, cap=2, overhead_n=20,
-             sierra_experiments=2, sierra_runs=2, sierra_duration=0.0, tag_deadline=120.0)
-ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra")
+             sierra_experiments=2, sierra_runs=2, sierra_duration=0.0, tag_deadline=120.0,
+             scale_n=200, scale_timeout=300.0)
+ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale")
 
 PROJECT = Path(__file__).resolve().parent.parent
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
@@ -63,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--builtin", action=argparse.BooleanOptionalAction, default=None,
                         help="run SIERRA's built-in prefectserver.local column (default: yes, "
                         "but not with --smoke: it alone takes over a minute)")
+    parser.add_argument("--scale-n", type=int, default=None, metavar="N",
+                        help="runs in item 7's big batch (default 20,000; smoke 200)")
+    parser.add_argument("--scale-timeout", type=float, default=None, metavar="SECONDS",
+                        help="deadline of each of item 7's batches (default 2400; smoke 300)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="parent of the temp work directory (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -71,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat is not None and args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.scale_n is not None and args.scale_n < 1:
+        parser.error("--scale-n must be at least 1")
     args.only = set(ITEMS if args.only is None else args.only.split(","))
     unknown = args.only - set(ITEMS)
     if unknown:
@@ -99,8 +110,7 @@ def render(args: argparse.Namespace) -> int:
     plot = (args.plot or out.parent / "benchmarks" / "plot.png").resolve()
     rows = report.build_rows(results)
     report.write_plot(results, rows, plot)
-    notes = NOTES.read_text() if NOTES.is_file() and not results["config"]["smoke"] else None
-    report.write_markdown(results, rows, out, plot, notes)
+    report.write_markdown(results, rows, out, plot, NOTES)
     print(f"wrote {out} and {plot} from {args.render}", file=sys.stderr)
     return 0
 
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": config, "machine": machine_info(), "load_before": loadavg(),
         "work_dir": str(work), "errors": [],
     }
-    log(f"work dir {work}; sizes {_sizes(args)}; repeat {config['repeat']}")
+    log(f"work dir {work}; config {config}")
     stacks: list[Stack] = []
     try:
         stack = _bring_up(args.only, work, config["repeat"], stacks, results)
@@ -156,7 +166,12 @@ def _config(args: argparse.Namespace) -> dict:
     """The sizes and options this run measures with (recorded in the raw results)."""
     repeat = args.repeat or (1 if args.smoke else 3)
     builtin = (not args.smoke) if args.builtin is None else args.builtin
-    return {**_sizes(args), "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
+    sizes = dict(_sizes(args))
+    if args.scale_n is not None:
+        sizes["scale_n"] = args.scale_n
+    if args.scale_timeout is not None:
+        sizes["scale_timeout"] = args.scale_timeout
+    return {**sizes, "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
             "builtin": builtin}
 
 
@@ -215,7 +230,7 @@ def _bring_up(only: set[str], work: Path, repeat: int, stacks: list[Stack],
 
 def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Callable[[], dict]]]:
     """The measurements after bring-up, in the order a real run takes them."""
-    from benchmarks import concurrency, overhead, sierra_e2e, trigger_latency
+    from benchmarks import concurrency, overhead, scale, sierra_e2e, trigger_latency
 
     c = config
     return [
@@ -227,6 +242,8 @@ def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Call
         ("sierra", lambda: sierra_e2e.measure(
             stack, work, c["repeat"], c["sierra_experiments"], c["sierra_runs"],
             c["sierra_duration"], c["cap"], builtin=c["builtin"])),
+        ("scale", lambda: scale.measure(stack, work, c["scale_n"], c["overhead_n"], c["cap"],
+                                        c["scale_timeout"])),
     ]
 
 
@@ -265,14 +282,16 @@ def _write_report(args: argparse.Namespace, results: dict) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}{'-smoke' if args.smoke else ''}.json"
     raw.write_text(json.dumps(results, indent=2, default=str))
+    if not args.smoke and set(results["config"]["items"]) == set(ITEMS):
+        # Kept in the repository (see .gitignore): `--render` rewrites the report from it.
+        (raw_dir / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     rows = report.build_rows(results)
     try:
         report.write_plot(results, rows, plot)
     except Exception as exc:  # the table is still worth writing
         results["errors"].append(f"plot: {exc.__class__.__name__}: {exc}")
         plot = None
-    notes = NOTES.read_text() if NOTES.is_file() and not args.smoke else None
-    report.write_markdown(results, rows, out, plot, notes)
+    report.write_markdown(results, rows, out, plot, NOTES)
     log(f"wrote {out}, {plot}, {raw} in {results['elapsed_seconds'] / 60:.1f} min")
 
 

@@ -1,9 +1,12 @@
 """5. A SIERRA batch end to end: stage 2 of one toysim batch, three execution environments.
 
-Stage 1 runs once (``sptest.toysim`` engine, ``sptest.toyproj`` project from
-``tests/sierra_engine``, E experiments x R runs, each run simulating D seconds of
-work); its output does not depend on the execution environment. Then, in every
-repeat and in rotating order, stage 2 runs on that same batch with:
+Stage 1 runs once per paradigm of the engine (``sptest.toysim`` engine,
+``sptest.toyproj`` project from ``tests/sierra_engine``, E experiments x R runs, each run
+simulating D seconds of work): ``per-batch`` (one ``commands.txt`` for the whole batch:
+one stage-2 trigger) and ``per-exp`` (one per experiment: SIERRA runs them one after the
+other, so ours triggers E times). Its output does not depend on the execution
+environment. Then, in every repeat and in rotating order, stage 2 runs on that same
+batch with (the built-in environment on the per-batch batch only):
 
 - ``ours``: ``--execenv prefectdeploy.local`` (our plugin: ``sierra-prefect check`` then
   ``sierra-prefect run sierra/local``) against the warm stack;
@@ -36,6 +39,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
@@ -52,6 +56,10 @@ from benchmarks.common import (
 )
 
 VARIANTS = ("ours", "hpc", "builtin")
+PARADIGMS = ("per-batch", "per-exp")
+# The built-in environment is measured on the per-batch batch only (its fixed cost, a
+# server start per stage 2, is the same whatever the paradigm).
+PARADIGM_VARIANTS = {"per-batch": VARIANTS, "per-exp": ("ours", "hpc")}
 EXECENV = {"ours": "prefectdeploy.local", "hpc": "hpc.local", "builtin": "prefectserver.local"}
 BUILTIN_PORT = 4200
 
@@ -98,52 +106,75 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 def measure(stack: Stack, work: Path, repeats: int, n_experiments: int, n_runs: int,
             duration: float, cap: int, builtin: bool = True, timeout: float = 600) -> dict:
     ss = _support()
-    root = work / "sierra" / "sierra-root"
-    root.parent.mkdir(parents=True, exist_ok=True)
     common = ["--exec-jobs-per-node", str(cap)]
-
-    stage1 = _run_stage1(ss, root, work, n_experiments, n_runs, duration, common, timeout)
-    batch = ss.find_batch_root(root)
-    outputs = ss.expected_outputs(batch)
-    run_csvs = [p.with_name("run.csv") for p in outputs]
-    log(f"SIERRA stage 1: {len(outputs)} runs in {stage1.elapsed:.1f} s")
-
+    sizes = dict(n_runs=n_runs, n_experiments=n_experiments)
+    batches = {p: _Batch.prepare(ss, work / "sierra" / p, p, sizes, duration, common, timeout)
+               for p in PARADIGMS}
     mode, why = _builtin_mode(builtin)
     builtin_env = _prepare_builtin(work / "sierra" / "builtin", ss) if mode != "skipped" else None
 
-    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    samples = {p: {v: [] for v in PARADIGM_VARIANTS[p]} for p in PARADIGMS}
     for r in range(repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
-        for variant in order:
-            skipped = _builtin_skip_reason(variant, mode, why)
-            if skipped:
-                samples[variant].append({"ok": False, "skipped": skipped, "wall": None})
-                continue
-            argv = ss.sierra_argv(root, execenv=EXECENV[variant], n_runs=n_runs,
-                                  n_experiments=n_experiments, stages=(2,), extra_args=common)
-            argv, env = _variant_command(ss, variant, argv, stack, builtin_env, mode)
-            log_path = work / "sierra" / f"stage2-{r}-{variant}.log"
-            sample = _measure_stage2(stack, argv, env, root.parent, log_path, timeout,
-                                     outputs, run_csvs, watch=(variant == "builtin"))
-            samples[variant].append(sample)
-            log(f"SIERRA {r + 1}/{repeats} {EXECENV[variant]}: stage 2 {sample['wall']:.2f} s, "
-                f"ok {sample['ok']} ({sample['missing_outputs']} outputs missing)"
-                + (f", stopped {len(sample.get('stopped', []))} leftover processes"
-                   if variant == "builtin" else ""))
+        for paradigm, b in batches.items():
+            variants = PARADIGM_VARIANTS[paradigm]
+            for variant in variants[r % len(variants):] + variants[: r % len(variants)]:
+                skipped = _builtin_skip_reason(variant, mode, why)
+                if skipped:
+                    samples[paradigm][variant].append({"ok": False, "skipped": skipped, "wall": None})
+                    continue
+                argv = ss.sierra_argv(b.root, execenv=EXECENV[variant], paradigm=paradigm,
+                                      stages=(2,), extra_args=common, **sizes)
+                argv, env = _variant_command(ss, variant, argv, stack, builtin_env, mode)
+                log_path = b.root.parent / f"stage2-{r}-{variant}.log"
+                sample = _measure_stage2(stack, argv, env, b.root.parent, log_path, timeout,
+                                         b.outputs, b.run_csvs, watch=(variant == "builtin"))
+                samples[paradigm][variant].append(sample)
+                _log_sample(r, repeats, paradigm, variant, sample)
     return {
         "n_experiments": n_experiments, "n_runs": n_runs, "duration": duration, "cap": cap,
-        "stage1_seconds": stage1.elapsed, "builtin_mode": mode, "builtin_why": why,
-        "variants": samples,
+        "stage1_seconds": batches["per-batch"].stage1_seconds, "builtin_mode": mode,
+        "builtin_why": why, "variants": samples["per-batch"],
+        "per_exp": {"stage1_seconds": batches["per-exp"].stage1_seconds,
+                    "variants": samples["per-exp"]},
     }
 
 
-def _run_stage1(ss, root: Path, work: Path, n_experiments: int, n_runs: int, duration: float,
+@dataclass
+class _Batch:
+    """One stage-1 batch (one paradigm) that stage 2 then runs again and again."""
+
+    root: Path
+    outputs: list[Path]
+    run_csvs: list[Path]
+    stage1_seconds: float
+
+    @classmethod
+    def prepare(cls, ss, base: Path, paradigm: str, sizes: dict, duration: float,
+                common: list[str], timeout: float) -> _Batch:
+        root = base / "sierra-root"
+        root.parent.mkdir(parents=True, exist_ok=True)
+        stage1 = _run_stage1(ss, root, base, paradigm, sizes, duration, common, timeout)
+        outputs = ss.expected_outputs(ss.find_batch_root(root))
+        log(f"SIERRA stage 1 ({paradigm}): {len(outputs)} runs in {stage1.elapsed:.1f} s")
+        return cls(root, outputs, [o.with_name("run.csv") for o in outputs], stage1.elapsed)
+
+
+def _log_sample(r: int, repeats: int, paradigm: str, variant: str, sample: dict) -> None:
+    log(f"SIERRA {r + 1}/{repeats} {EXECENV[variant]} ({paradigm}): stage 2 "
+        f"{sample['wall'] or float('nan'):.2f} s, ok {sample['ok']} "
+        f"({sample['missing_outputs']} outputs missing, most at once "
+        f"{sample.get('runs_max_at_once')})"
+        + (f", stopped {len(sample.get('stopped', []))} leftover processes"
+           if variant == "builtin" else ""))
+
+
+def _run_stage1(ss, root: Path, base: Path, paradigm: str, sizes: dict, duration: float,
                 common: list[str], timeout: float):
-    """Stage 1, once: the batch the three environments run."""
+    """Stage 1, once per paradigm: the batch the execution environments run."""
     stage1 = ss.run_sierra(
-        root, execenv="hpc.local", n_runs=n_runs, n_experiments=n_experiments, stages=(1,),
+        root, execenv="hpc.local", paradigm=paradigm, stages=(1,), **sizes,
         extra_args=[*common, "--toysim-duration", str(duration)],
-        env=ss.sierra_env(base=clean_env()), log_path=work / "sierra" / "stage1.log",
+        env=ss.sierra_env(base=clean_env()), log_path=base / "stage1.log",
         timeout=timeout,
     )
     if stage1.returncode != 0:
