@@ -17,6 +17,7 @@ created with an idempotency key, so a retried create never starts the batch twic
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -53,8 +54,10 @@ OUTAGE_DEADLINE_SECONDS = 300.0
 BUSY_DEADLINE_SECONDS = 120.0
 # Answers that mean "busy, ask again": too many requests, bad gateway, unavailable, timeout.
 BUSY_STATUS = frozenset({429, 502, 503, 504})
-# One request gets at most this long before it counts as "no answer in time".
+# One request gets at most this long (and a third of the deadline) before it counts as
+# "no answer in time"; after SLOW_NOTICE_SECONDS without an answer the user is told.
 REQUEST_TIMEOUT_SECONDS = 30.0
+SLOW_NOTICE_SECONDS = 5.0
 
 
 @dataclass
@@ -257,7 +260,7 @@ class Patience:
         delay, told = 0.5, None
         while True:
             try:
-                return fn(*args, **kwargs)
+                return self._once(what, started, fn, *args, **kwargs)
             except Exception as exc:
                 reason = busy_reason(exc)
                 if reason is None:
@@ -277,6 +280,22 @@ class Patience:
                 time.sleep(min(delay, max(0.0, self.deadline - waited)))
                 delay = min(delay * 2, 5.0)
 
+    def _once(self, what: str, started: float, fn, *args, **kwargs):
+        """One attempt; if the server is slow to answer, say so while waiting."""
+        def slow() -> None:
+            left = self.deadline - (time.monotonic() - started)
+            self.console.print(f"[yellow]server slow (no answer for {SLOW_NOTICE_SECONDS:.0f} s) "
+                               f"while {what}: waiting for up to {max(left, 0):.0f} s[/yellow]",
+                               highlight=False)
+
+        timer = threading.Timer(SLOW_NOTICE_SECONDS, slow)
+        timer.daemon = True
+        timer.start()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timer.cancel()
+
 
 @contextmanager
 def _our_retries(connection: Connection, deadline: float):
@@ -288,7 +307,8 @@ def _our_retries(connection: Connection, deadline: float):
         temporary_settings,
     )
 
-    timeout = min(PREFECT_API_REQUEST_TIMEOUT.value(), REQUEST_TIMEOUT_SECONDS, max(deadline, 1.0))
+    timeout = min(PREFECT_API_REQUEST_TIMEOUT.value(), REQUEST_TIMEOUT_SECONDS,
+                  max(deadline / 3, 1.0))
     with connection.prefect_settings(), temporary_settings(
             {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: timeout}):
         yield
