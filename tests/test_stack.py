@@ -122,6 +122,38 @@ def test_run_reports_failures_in_json_and_exit_code(stack, tmp_path):
     assert summary["state"] == "FAILED"
 
 
+def test_failed_runs_last_stderr_lines_are_in_the_cli_summary(stack, tmp_path):
+    batch, scratch = make_batch(tmp_path, [
+        "true", "for i in $(seq 1 30); do echo problem-$i >&2; done; exit 9"])
+    result = sierra_prefect("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
+                            str(scratch), env={**stack.env, "COLUMNS": "300"})
+    assert result.returncode == 1
+    assert "FAILED batch-run1 (exit 9)" in result.stdout
+    shown = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("| ")]
+    assert shown == [f"| problem-{i}" for i in range(21, 31)], result.stdout
+
+
+def test_progress_comes_from_the_flow_while_it_runs(stack, tmp_path):
+    """The CLI's progress is the flow's progress artifact, read while runs still go."""
+    go = tmp_path / "go"
+    batch, scratch = make_batch(tmp_path, [
+        "true", "exit 1", f"while [ ! -e {go} ]; do sleep 0.05; done"])
+    log = tmp_path / "cli.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [CLI, "run", "sierra/local", "--input-root", str(batch), "--scratch-root", str(scratch),
+             "--max-parallel", "3"], env=stack.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "progress: 2/3 runs done (1 failed, 0 skipped)" in log.read_text(),
+                   120, "the CLI to show 2 of 3 runs done while the third waits")
+        assert proc.poll() is None
+    finally:
+        go.touch()
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 1 and "progress: 3/3 runs done (1 failed, 0 skipped)" in text, text
+
+
 def test_plain_output_shows_progress_and_summary(stack, tmp_path):
     batch, scratch = make_batch(tmp_path, ["true"] * 3)
     result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root", str(scratch))
