@@ -85,21 +85,27 @@ def default_cap() -> int:
 
 
 class _Experiments:
-    """Which runs of each experiment are still to end; their records, once ended."""
+    """Which runs of each experiment are still to end; the failed ones, once ended.
+
+    Only counts and failed runs are kept: at 20,000 runs a record per run is memory the
+    worker side would pay for nothing (the ledger and the UI's tables hold them).
+    """
 
     def __init__(self, todo: list[RunSpec]) -> None:
         self._lock = threading.Lock()
         self.left: dict[str, int] = {}
         for run in todo:
             self.left[run.experiment] = self.left.get(run.experiment, 0) + 1
-        self.records: dict[str, list[RunRecord]] = {name: [] for name in self.left}
+        self.ended: dict[str, int] = dict.fromkeys(self.left, 0)
+        self.failed: dict[str, list[RunRecord]] = {name: [] for name in self.left}
         self._ended = {name: threading.Event() for name in self.left}
 
     def finished(self, experiment: str, record: RunRecord) -> None:
         with self._lock:
-            self.records[experiment].append(record)
-            self.left[experiment] -= 1
-            if self.left[experiment] == 0:
+            self.ended[experiment] += 1
+            if not record.ok:
+                self.failed[experiment].append(record)
+            if self.ended[experiment] == self.left[experiment]:
                 self._ended[experiment].set()
 
     def release(self) -> None:
@@ -107,10 +113,11 @@ class _Experiments:
         for event in self._ended.values():
             event.set()
 
-    def wait(self, experiment: str) -> list[RunRecord]:
+    def wait(self, experiment: str) -> tuple[int, list[RunRecord]]:
+        """(runs ended, the failed ones) once the experiment is over."""
         self._ended[experiment].wait()
         with self._lock:
-            return list(self.records[experiment])
+            return self.ended[experiment], list(self.failed[experiment])
 
 
 # The batches running in this process, by flow-run id: how an experiment's task run finds
@@ -124,14 +131,13 @@ def experiment_runs(experiment: str, runs: int, batch: str) -> dict:
     """One SIERRA experiment: waits for its runs (run by the flow's scheduler) to end."""
     experiments, tracker = _BATCHES[batch]
     tracker.task_started(experiment, get_run_context().task_run.id)
-    records = experiments.wait(experiment)
-    failed = [r for r in records if not r.ok]
-    result = {"experiment": experiment, "runs": runs, "ended": len(records),
-              "succeeded": len(records) - len(failed), "failed": len(failed)}
-    if failed or len(records) < runs:
+    ended, failed = experiments.wait(experiment)
+    result = {"experiment": experiment, "runs": runs, "ended": ended,
+              "succeeded": ended - len(failed), "failed": len(failed)}
+    if failed or ended < runs:
         names = ", ".join(r.name for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
         return Failed(message=f"{experiment}: {len(failed)} of {runs} runs failed ({names}), "
-                              f"{runs - len(records)} did not end", data=result)
+                              f"{runs - ended} did not end", data=result)
     return result
 
 
@@ -275,9 +281,9 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
                 future.wait()
     finally:
         _BATCHES.pop(flow_run_id, None)
-    records = [r for group in experiments.records.values() for r in group]
-    failed = sorted((r for r in records if not r.ok), key=lambda r: r.index)
-    return len(records) - len(failed), [_failed_run(r) for r in failed]
+    failed = sorted((r for group in experiments.failed.values() for r in group),
+                    key=lambda r: r.index)
+    return sum(experiments.ended.values()) - len(failed), [_failed_run(r) for r in failed]
 
 
 @flow(name="sierra", log_prints=False, persist_result=False)

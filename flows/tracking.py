@@ -51,6 +51,8 @@ class _Page:
     rows: dict[int, dict] = field(default_factory=dict)  # by run index
     artifact_id: UUID | None = None
     dirty: bool = False
+    size: int = 0  # runs on this page
+    ended: int = 0  # of them, ended
 
 
 class Tracker:
@@ -78,6 +80,7 @@ class Tracker:
                 current[run.experiment] = _Page(run.experiment, k // page_rows + 1)
                 self._pages.append(current[run.experiment])
             self._page_of[run.index] = current[run.experiment]
+            current[run.experiment].size += 1
         self._progress_id: UUID | None = None
         self._progress_dirty = True
         self._thread = threading.Thread(
@@ -102,6 +105,7 @@ class Tracker:
             page = self._page_of[record.index]
             page.rows[record.index] = row_of(record)
             page.dirty = True
+            page.ended += 1
             if record.ok:
                 self.succeeded += 1
             else:
@@ -146,6 +150,9 @@ class Tracker:
                 self._write_progress(client, *counts)
             for page, rows in pages:
                 self._write_page(client, page, rows)
+                with self._lock:  # a full page, written: the server keeps it, not us
+                    if page.ended == page.size and not page.dirty:
+                        page.rows = {}
         except BaseException:
             with self._lock:  # not written: try again next time
                 for page, _ in pages:
