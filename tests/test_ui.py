@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.plan import batch_tag
 from tests.helpers import make_batch, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,9 +64,10 @@ def test_ui_on_a_non_default_port_shows_the_flow_run_and_its_runs(stack, tmp_pat
                       300, f"{tab} to list the task runs", interval=0)
     assert "Can't connect" not in text
 
-    # The artifacts tab shows the live progress and the per-run table.
-    tab = f"{ui_url}/runs/flow-run/{flow_run_id}?tab=Artifacts"
+    # The new UI's artifacts tab shows the progress and the per-run table; the flow run
+    # carries the batch's tag (the UI filters flow runs by it).
+    tab = f"{ui_url}/v2/runs/flow-run/{flow_run_id}?tab=Artifacts"
     text = wait_until(lambda: (t := _page_text(tab, tmp_path / "profile"))
-                      and "2 of 2 runs done" in t and t,
+                      and "2 of 2 runs done: 2 succeeded, 0 failed, 0 skipped" in t and t,
                       300, f"{tab} to show the progress artifact", interval=0)
-    assert "batch: runs (page 1)" in text, text[:2000]
+    assert "batch: runs (page 1)" in text and batch_tag(str(batch)) in text, text[:2000]
