@@ -146,30 +146,3 @@ def test_commands_that_are_not_utf8_name_the_file_and_line(tmp_path):
     assert f"'{path}' line 3 is not UTF-8" in message and "\n" not in message
     assert "save it as UTF-8" in message
     assert path.read_bytes().startswith(b"echo one")  # left as it was
-
-
-def test_flows_import_no_circle():
-    """flows/ modules form no import cycle, counting imports inside functions too."""
-    import ast
-
-    folder = Path(__file__).resolve().parent.parent / "flows"
-    graph = {}
-    for source in folder.glob("*.py"):
-        tree = ast.parse(source.read_text())
-        graph[source.stem] = {
-            node.module.split(".")[1] for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows.")
-        }
-    assert graph["spread"] and graph["sierra_batch"], "the parse found no flows imports"
-
-    def cycle_from(module, path):
-        for target in graph.get(module, ()):
-            if target in path:
-                return path[path.index(target):] + [target]
-            found = cycle_from(target, path + [target])
-            if found:
-                return found
-        return None
-
-    cycles = [c for m in graph if (c := cycle_from(m, [m]))]
-    assert not cycles, f"import cycles in flows/: {cycles}"
