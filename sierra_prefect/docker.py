@@ -152,6 +152,9 @@ def parse_mount(text: str) -> str:
         raise ShimError(
             f"--mount source '{parts[0]}' does not exist (or is relative): create it or fix the path"
         )
+    if not Path(parts[1]).is_absolute():
+        raise ShimError(f"--mount destination '{parts[1]}' is relative: give the path inside the "
+                        f"container, e.g. --mount {parts[0]}:/{parts[1]}")
     return text if len(parts) == 3 else f"{text}:rw"
 
 

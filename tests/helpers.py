@@ -7,14 +7,18 @@ only plain helpers from here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from benchmarks.common import max_at_once, read_intervals, span, stack_env
 from sierra_prefect.lock import locked_version
+from sierra_prefect.processes import terminate
 
 PROJECT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "sierra-prefect")
@@ -97,3 +101,17 @@ def wait_until(condition, deadline: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {deadline} s waiting for {what}")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a process group this test started (``proc`` leads it), by its pid: SIGTERM,
+    ``grace`` seconds, then SIGKILL, as the shim stops its own processes."""
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass  # already gone
+
+    if proc.poll() is None:
+        terminate([psutil.Process(proc.pid)], grace, signal_all=signal_group)
+    proc.wait(timeout=10)

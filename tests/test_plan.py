@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import max_at_once
 from flows.plan import (
     BatchInputError,
     check_roots,
@@ -148,33 +149,6 @@ def test_commands_that_are_not_utf8_name_the_file_and_line(tmp_path):
     assert path.read_bytes().startswith(b"echo one")  # left as it was
 
 
-def test_flows_import_no_circle():
-    """flows/ modules form no import cycle, counting imports inside functions too."""
-    import ast
-
-    folder = Path(__file__).resolve().parent.parent / "flows"
-    graph = {}
-    for source in folder.glob("*.py"):
-        tree = ast.parse(source.read_text())
-        graph[source.stem] = {
-            node.module.split(".")[1] for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows.")
-        }
-    assert graph["spread"] and graph["sierra_batch"], "the parse found no flows imports"
-
-    def cycle_from(module, path):
-        for target in graph.get(module, ()):
-            if target in path:
-                return path[path.index(target):] + [target]
-            found = cycle_from(target, path + [target])
-            if found:
-                return found
-        return None
-
-    cycles = [c for m in graph if (c := cycle_from(m, [m]))]
-    assert not cycles, f"import cycles in flows/: {cycles}"
-
-
 # -- the scheduler: the only place that decides how many runs go at once ---------------
 
 def _schedule(scheduler, durations: list[float]):
@@ -207,13 +181,7 @@ def test_scheduler_holds_the_cap_exactly_and_leaves_no_slot_idle():
     log, starts = _schedule(scheduler, durations)
     assert sorted(log) == list(range(13)) and starts == list(range(13))  # in queue order
     assert scheduler.most_at_once == 3 and scheduler.running == 0
-    events = sorted([(s, 1) for s, _ in log.values()] + [(e, -1) for _, e in log.values()],
-                    key=lambda ev: (ev[0], ev[1]))
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak <= 3
+    assert max_at_once(log.values()) <= 3
     # 12 short runs over 2 free slots take ~6 x 0.05 s: all done before the long one,
     # which they could not be if a slot idled while runs waited.
     assert max(log[i][1] for i in range(1, 13)) < log[0][1]

@@ -11,7 +11,6 @@ interpreter); without it the server tests are skipped (a failure under CI=true).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from sierra_prefect.lock import locked_version
 from sierra_prefect.versions import VersionMismatch, check_versions, compatible, mismatch
-from tests.helpers import PROJECT, base_env, make_batch, sierra_prefect, wait_until
+from tests.helpers import PROJECT, base_env, make_batch, sierra_prefect, stop_group, wait_until
 
 PREVIOUS_PYTHON_ENV = "SIERRA_PREFECT_PREVIOUS_PYTHON"
 SERVER_START_DEADLINE = 180.0  # a fresh home runs every migration first (15-25 s here)
@@ -129,13 +128,7 @@ def previous_server(tmp_path_factory):
         yield url
     finally:
         # Only what we started: its process group (uvicorn's children) by our pid.
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
+        stop_group(server)
         log.close()
 
 
