@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 
+import httpx
 import pytest
 
 from benchmarks.common import max_at_once
+from flows.plan import batch_tag
 from tests import sierra_support as ss
 from tests.helpers import base_env
 
@@ -48,6 +50,14 @@ def test_sierra_stage_1_and_2_through_prefectdeploy_local(stack, tmp_path, parad
     assert _runs_at_once(batch) == 2
     # Our flow ran every run: one success marker each under the scratch root.
     assert len(list(root.rglob("sierra-prefect/runs/*/done.json"))) == N_EXPERIMENTS * N_RUNS
+    # The batch's flow runs (one per experiment in the per-exp paradigm) share one tag,
+    # so the UI shows them together.
+    tags = {batch_tag(str(c.parent)) for c in root.rglob("commands.txt")}
+    assert len(tags) == 1, tags
+    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30,
+                       json={"flow_runs": {"tags": {"all_": list(tags)}}})
+    states = [r["state"]["type"] for r in reply.json()]
+    assert states == ["COMPLETED"] * (N_EXPERIMENTS if paradigm == "per-exp" else 1), states
 
 
 def test_failed_run_fails_sierra_stage_2_and_resume_finishes_it(stack, tmp_path):
