@@ -256,27 +256,26 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_rss(pid: int) -> int:
+def _tree_sum(pid: int, measure) -> int:
+    """``measure(proc)`` summed over a process tree; processes that ended meanwhile count 0."""
     total = 0
     for proc in tree(pid):
         try:
-            total += proc.memory_info().rss
+            total += measure(proc)
         except psutil.Error:
             pass
     return total
+
+
+def tree_rss(pid: int) -> int:
+    return _tree_sum(pid, lambda proc: proc.memory_info().rss)
 
 
 def tree_pss(pid: int) -> int:
     """PSS (bytes) of a process tree: pages shared between its processes (a forked
     flow-run process and the warm engine it came from) are counted once in total, not
     once per process as RSS does. Needs root or the same user (``/proc/PID/smaps``)."""
-    total = 0
-    for proc in tree(pid):
-        try:
-            total += proc.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
+    return _tree_sum(pid, lambda proc: proc.memory_full_info().pss)
 
 
 class _Periodic:
