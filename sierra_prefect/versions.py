@@ -11,11 +11,12 @@ Use it like this::
 
 The rule: versions with the same major.minor work together (patch releases of Prefect
 keep the client/server API); a different minor is refused before anything runs. Why not
-let a newer client proceed: measured here, a 3.9.1 client and flow run did complete a
-small batch against a 3.8.8 server, but Prefect itself warns on every connection that a
-client newer than its server "may result in unexpected behavior", and a minor release may
-add API fields an older server rejects mid-batch (after half the runs have run). A
-refusal up front, naming the versions and the fix, is cheaper than that.
+let a newer client proceed: measured here, a client and flow run of uv.lock's minor did
+complete a small batch against a server of the previous minor, but Prefect itself warns
+on every connection that a client newer than its server "may result in unexpected
+behavior", and a minor release may add API fields an older server rejects mid-batch
+(after half the runs have run). A refusal up front, naming the versions and the fix, is
+cheaper than that.
 
 Only the standard library and ``packaging`` (a dependency of Prefect) are imported: the
 flow imports this module too, before any run starts.
