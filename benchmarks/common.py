@@ -278,7 +278,7 @@ def tree_pss(pid: int) -> int:
     return _tree_sum(pid, lambda proc: proc.memory_full_info().pss)
 
 
-class _Periodic:
+class Periodic:
     """Calls ``sample()`` every ``interval`` seconds on a thread, from ``with`` to its end."""
 
     def __init__(self, interval: float, name: str) -> None:
@@ -303,7 +303,7 @@ class _Periodic:
         self._thread.join()
 
 
-class RssSampler(_Periodic):
+class RssSampler(Periodic):
     """Peak RSS and PSS (bytes) of process trees, sampled in a thread: ``{role: [root pids]}``.
 
     RSS every ``interval`` seconds; PSS (reading smaps costs more) every ``pss_every``-th
@@ -356,7 +356,7 @@ class Found:
     cmdline: str
 
 
-class TreeWatcher(_Periodic):
+class TreeWatcher(Periodic):
     """Remembers every descendant of ``pid`` (with its start time) while it runs.
 
     Used for SIERRA's built-in Prefect plugin, which backgrounds a server and a

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import Stack, log, wait_server_quiet, write_batch
+from benchmarks.common import Periodic, Stack, log, wait_server_quiet, write_batch
 from benchmarks.overhead import add_flow_times, run_batch
 
 READ_INTERVAL = 0.2
@@ -99,10 +98,14 @@ def p99(values: list[float]) -> float | None:
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
-class ApiReader:
-    """Reads the newest flow run by id every READ_INTERVAL s on a thread, timing each read."""
+class ApiReader(Periodic):
+    """Reads the newest flow run by id every READ_INTERVAL s on a thread, timing each read
+    (at most ``max_reads`` reads, so the sampling is bounded whatever the batch does)."""
 
     def __init__(self, api_url: str, since: float, max_reads: int) -> None:
+        import httpx
+
+        super().__init__(READ_INTERVAL, "api-reader")
         self.api_url = api_url.rstrip("/")
         self.since = since
         self.max_reads = max_reads
@@ -110,24 +113,15 @@ class ApiReader:
         self.latencies: list[float] = []
         self.errors: list[str] = []
         self.by_id = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="api-reader", daemon=True)
+        self._client = httpx.Client(timeout=READ_TIMEOUT)
 
-    def __enter__(self) -> ApiReader:
-        self._thread.start()
-        return self
+    def sample(self) -> None:
+        if len(self.latencies) < self.max_reads:
+            self._read(self._client)
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(timeout=READ_TIMEOUT) as client:
-            while not self._stop.is_set() and len(self.latencies) < self.max_reads:
-                self._read(client)
-                self._stop.wait(READ_INTERVAL)
+        super().__exit__(*exc)
+        self._client.close()
 
     def _read(self, client) -> None:
         start = time.perf_counter()
