@@ -4,7 +4,9 @@ Each plugin turns SIERRA's stage 2 into one shell command per batch
 (per-batch paradigm) or per experiment (per-exp paradigm)::
 
     sierra-prefect run DEPLOYMENT --input-root DIR --scratch-root DIR \\
-        [--max-parallel N] [--run-timeout S] [--no-resume] [--workdir DIR] \\
+        [--max-parallel N] [--run-timeout S] [--cores-per-run N] \\
+        [--memory-per-run SIZE] [--retries N] [--retry-delay S] \\
+        [--no-resume] [--workdir DIR] \\
         [--work-pool POOL] [--work-queue QUEUE] \\
         [--image IMG] [--host-user] [--mount SRC:DST[:MODE]]...
 
@@ -17,8 +19,23 @@ Mapping from SIERRA:
 - input root: ``batch_root`` (per-batch) / ``exp_input_root`` (per-exp); the
   flow reads ``<input root>/commands.txt``, which is where SIERRA writes it.
 - scratch root: ``batch_scratch_root`` / ``exp_scratch_root``.
-- ``--exec-jobs-per-node N`` -> ``--max-parallel N`` (omitted when unset: the
-  deployment's cap applies).
+- ``--exec-jobs-per-node N`` -> ``--max-parallel N``, only when the user gave
+  it (omitted otherwise: the worker decides). Where it is not given,
+  :func:`configure_resources` (the plugins' ``cmdline_postparse_configure``)
+  fills SIERRA's ``exec_jobs_per_node`` for SIERRA only, since SIERRA's
+  per-experiment runner asserts it is set; that value is never forwarded, in
+  either paradigm (SIERRA's ``exec_opts["n_jobs"]`` is that same value, so it
+  is not read).
+- cores per run -> ``--cores-per-run N``: ``--exec-cores-per-run N`` if given,
+  else the engine's threads per run (``--physics-n-engines`` of ARGoS,
+  ``--physics-n-threads`` of ROS1+Gazebo) when set, else omitted (the flow's
+  default, 1). The worker runs ``min(max parallel, usable CPUs // N)`` runs at
+  once, each pinned to its own N CPUs.
+- ``--exec-memory-per-run SIZE`` -> ``--memory-per-run SIZE``, verbatim: the
+  shim validates sizes, and ``execenv_check`` asks it to before stage 2
+  (``sierra-prefect check ... --memory-per-run SIZE``).
+- ``--exec-retries N`` -> ``--retries N``, ``--exec-retry-delay S`` ->
+  ``--retry-delay S`` (omitted when unset: the deployment's defaults).
 - ``--exec-resume`` -> the shim's default (skip runs that already succeeded);
   without it -> ``--no-resume`` (run everything again), which is what
   ``hpc.local`` does too. Every run records its success either way, so a batch
@@ -42,6 +59,7 @@ SIERRA's binding interfaces are matched by method names only (no subclassing,
 no ``implements``), so this works with sierra-research 1.5.8 through 1.5.16.
 """
 
+import argparse
 import logging
 import os
 import pathlib
@@ -82,6 +100,10 @@ def build_run_argv(
     *,
     max_parallel: int | None = None,
     run_timeout: int | None = None,
+    cores_per_run: int | None = None,
+    memory_per_run: str | None = None,
+    retries: int | None = None,
+    retry_delay: float | None = None,
     resume: bool = True,
     workdir: str | os.PathLike | None = None,
     work_pool: str | None = None,
@@ -93,19 +115,25 @@ def build_run_argv(
 ) -> list[str]:
     """The ``sierra-prefect run`` argument vector (unquoted).
 
-    Mounts go through verbatim: the shim is the one place that validates them (and
-    ``execenv_check`` asks it to before stage 2).
+    Mounts and the memory size go through verbatim: the shim is the one place that
+    validates them (and ``execenv_check`` asks it to before stage 2).
     """
     if not deployment:
         raise ValueError("No Prefect deployment given (--deployment)")
-    if max_parallel is not None and int(max_parallel) < 1:
-        raise ValueError(f"--exec-jobs-per-node must be >= 1, got {max_parallel}")
+    _at_least("--exec-jobs-per-node", max_parallel, 1)
+    _at_least("--exec-cores-per-run", cores_per_run, 1)
+    _at_least("--exec-retries", retries, 0)
+    _at_least("--exec-retry-delay", retry_delay, 0)
 
     argv = [shim or shim_executable(), "run", deployment,
             "--input-root", str(input_root), "--scratch-root", str(scratch_root)]
     argv += _options({
         "--max-parallel": None if max_parallel is None else int(max_parallel),
         "--run-timeout": run_timeout,
+        "--cores-per-run": None if cores_per_run is None else int(cores_per_run),
+        "--memory-per-run": memory_per_run,
+        "--retries": None if retries is None else int(retries),
+        "--retry-delay": retry_delay,
     })
     if not resume:
         argv.append("--no-resume")
@@ -122,6 +150,11 @@ def build_run_argv(
     return argv
 
 
+def _at_least(option: str, value: tp.Any, low: float) -> None:
+    if value is not None and not float(value) >= low:
+        raise ValueError(f"{option} must be >= {low}, got {value}")
+
+
 def _options(values: dict[str, tp.Any]) -> list[str]:
     """``--option value`` for every value given (None and "" are not given)."""
     argv: list[str] = []
@@ -129,6 +162,86 @@ def _options(values: dict[str, tp.Any]) -> list[str]:
         if value is not None and value != "":
             argv += [option, str(value)]
     return argv
+
+
+# The engines' own "threads per run" options, by their argparse dest, in the order they
+# are looked at: ARGoS's physics engines (one thread each), ROS1+Gazebo's physics threads.
+ENGINE_THREADS = (
+    ("physics_n_engines", "--physics-n-engines"),
+    ("physics_n_threads", "--physics-n-threads"),
+)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a SLURM/Docker/taskset share)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def decide_cores_per_run(args: argparse.Namespace) -> tuple[int | None, str]:
+    """Cores per run and where that came from.
+
+    ``--exec-cores-per-run`` wins; else the engine's threads per run when set (>= 1;
+    ROS1+Gazebo's 0 means "no extra threads"); else None (the flow's default, 1).
+    """
+    explicit = getattr(args, "exec_cores_per_run", None)
+    if explicit is not None:
+        return int(explicit), "--exec-cores-per-run"
+    for dest, option in ENGINE_THREADS:
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value, f"the engine's {option}"
+    return None, "none declared: the flow's default"
+
+
+def jobs_for_sierra(n_runs: int | None, cores_per_run: int | None) -> int:
+    """The ``--exec-jobs-per-node`` SIERRA gets when the user gave none (as ARGoS's
+    ``hpc.local`` computes it): runs that fit on this machine's CPUs, at least 1."""
+    jobs = usable_cpus() // (cores_per_run or 1)
+    if n_runs:
+        jobs = min(int(n_runs), jobs)
+    return max(1, jobs)
+
+
+def configure_resources(args: argparse.Namespace) -> argparse.Namespace:
+    """The plugins' ``cmdline_postparse_configure`` (SIERRA calls it before the engine's).
+
+    - Remembers the ``--exec-jobs-per-node`` the user gave as ``exec_max_parallel``:
+      the only value forwarded as ``--max-parallel``.
+    - Decides cores per run (:func:`decide_cores_per_run`) into
+      ``exec_cores_per_run``.
+    - If no ``--exec-jobs-per-node`` was given, fills SIERRA's ``exec_jobs_per_node``
+      (its per-experiment runner asserts it is set) with :func:`jobs_for_sierra`.
+      That value is for SIERRA only: the worker decides how many runs go at once.
+    """
+    given = getattr(args, "exec_jobs_per_node", None)
+    args.exec_max_parallel = given
+    if 2 not in _pipeline(args):
+        return args
+
+    cores, source = decide_cores_per_run(args)
+    args.exec_cores_per_run = cores
+    _logger.info("Cores per experimental run: %s (%s)", cores or 1, source)
+    if given is None:
+        args.exec_jobs_per_node = jobs_for_sierra(getattr(args, "n_runs", None), cores)
+        _logger.info(
+            "--exec-jobs-per-node not given: SIERRA gets %s (runs that fit on %s CPUs "
+            "here); not forwarded, the worker decides how many runs go at once",
+            args.exec_jobs_per_node,
+            usable_cpus(),
+        )
+    else:
+        _logger.info("--exec-jobs-per-node %s: forwarded as --max-parallel", given)
+    return args
+
+
+def _pipeline(args: argparse.Namespace) -> list[int]:
+    stages = getattr(args, "pipeline", None)
+    if stages is None:
+        return [1, 2, 3, 4, 5]
+    return list(stages) if isinstance(stages, tp.Iterable) else [stages]
 
 
 def quote_argv(argv: tp.Sequence[str]) -> str:
@@ -153,7 +266,9 @@ class _RunCmdGenerator:
     ) -> types.ShellCmdSpec:
         _check_cmdfile(input_root, exec_opts)
 
-        max_parallel = exec_opts.get("n_jobs", self.cmdopts.get("exec_jobs_per_node"))
+        # Only what the user gave: SIERRA's exec_jobs_per_node (and exec_opts["n_jobs"],
+        # the same value) may have been filled in for SIERRA alone (configure_resources).
+        max_parallel = self.cmdopts.get("exec_max_parallel")
         resume = exec_opts.get("exec_resume", self.cmdopts.get("exec_resume", False))
         argv = build_run_argv(
             self.cmdopts["deployment"],
@@ -161,6 +276,10 @@ class _RunCmdGenerator:
             scratch_root,
             max_parallel=max_parallel,
             run_timeout=self.cmdopts.get("run_timeout"),
+            cores_per_run=self.cmdopts.get("exec_cores_per_run"),
+            memory_per_run=self.cmdopts.get("exec_memory_per_run"),
+            retries=self.cmdopts.get("exec_retries"),
+            retry_delay=self.cmdopts.get("exec_retry_delay"),
             resume=bool(resume),
             work_pool=self.cmdopts.get("work_pool"),
             work_queue=self.cmdopts.get("work_queue"),
@@ -230,9 +349,9 @@ class ExpShellCmdsGenerator(_RunCmdGenerator):
 def execenv_check(cmdopts: types.Cmdopts, extra_argv: tp.Sequence[str] = ()) -> None:
     """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT [extra_argv]`` must succeed.
 
-    The shim checks the server, the deployment, the Prefect versions and whatever
-    ``extra_argv`` names (e.g. ``--mount``: it is the one place that validates
-    them). Raises RuntimeError (SIERRA aborts stage 2 before running anything)
+    The shim checks the server, the deployment, the Prefect versions, the memory
+    per run and whatever ``extra_argv`` names (e.g. ``--mount``): it is the one
+    place that validates them. Raises RuntimeError (SIERRA aborts stage 2 before running anything)
     with the shim's one-line reason and the fix.
     """
     deployment = cmdopts["deployment"]
@@ -240,6 +359,8 @@ def execenv_check(cmdopts: types.Cmdopts, extra_argv: tp.Sequence[str] = ()) -> 
     argv = [shim_executable(), "check", deployment, *extra_argv]
     if cmdopts.get("work_pool"):
         argv += ["--work-pool", cmdopts["work_pool"]]
+    if cmdopts.get("exec_memory_per_run"):
+        argv += ["--memory-per-run", str(cmdopts["exec_memory_per_run"])]
     fix = "Start the Prefect stack with `sierra-prefect up`, then re-run stage 2."
 
     try:
@@ -280,7 +401,11 @@ __all__ = [
     "BatchShellCmdsGenerator",
     "ExpShellCmdsGenerator",
     "build_run_argv",
+    "configure_resources",
+    "decide_cores_per_run",
     "execenv_check",
+    "jobs_for_sierra",
     "quote_argv",
     "shim_executable",
+    "usable_cpus",
 ]

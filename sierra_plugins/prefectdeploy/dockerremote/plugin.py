@@ -14,8 +14,13 @@ On top of :mod:`prefectdeploy.common`:
 Mounts are passed verbatim: ``sierra-prefect`` is the one place that validates
 them, and ``execenv_check`` asks it to (``sierra-prefect check ... --mount ...``)
 before stage 2 runs anything, so a bad mount fails with one line.
+
+Cores per run and SIERRA's jobs per node are decided by
+:func:`prefectdeploy.common.configure_resources`, run by SIERRA as this
+plugin's ``cmdline_postparse_configure`` (before the engine's).
 """
 
+import argparse
 import pathlib
 import typing as tp
 
@@ -52,6 +57,10 @@ def _destination(mount: str) -> str | None:
     return (parts[1].rstrip("/") or "/") if len(parts) > 1 else None
 
 
+def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
+    return common.configure_resources(args)
+
+
 class BatchShellCmdsGenerator(common.BatchShellCmdsGenerator):
     def extra_argv_kwargs(self) -> dict[str, tp.Any]:
         return docker_argv_kwargs(self.cmdopts)
@@ -79,5 +88,6 @@ def execenv_check(cmdopts: types.Cmdopts) -> None:
 __all__ = [
     "BatchShellCmdsGenerator",
     "ExpShellCmdsGenerator",
+    "cmdline_postparse_configure",
     "execenv_check",
 ]

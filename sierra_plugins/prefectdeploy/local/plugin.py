@@ -4,13 +4,22 @@ On top of :mod:`prefectdeploy.common`, the runs execute in the directory SIERRA
 was started in (``--workdir``), as they do under ``hpc.local``: the process
 worker runs on the same machine, so relative paths in the engine's commands
 keep working.
+
+Cores per run and SIERRA's jobs per node are decided by
+:func:`prefectdeploy.common.configure_resources`, run by SIERRA as this
+plugin's ``cmdline_postparse_configure`` (before the engine's).
 """
 
+import argparse
 import os
 import typing as tp
 
 from prefectdeploy import common
 from prefectdeploy.common import execenv_check
+
+
+def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
+    return common.configure_resources(args)
 
 
 class BatchShellCmdsGenerator(common.BatchShellCmdsGenerator):
@@ -23,4 +32,9 @@ class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
         return {"workdir": os.getcwd()}
 
 
-__all__ = ["BatchShellCmdsGenerator", "ExpShellCmdsGenerator", "execenv_check"]
+__all__ = [
+    "BatchShellCmdsGenerator",
+    "ExpShellCmdsGenerator",
+    "cmdline_postparse_configure",
+    "execenv_check",
+]
