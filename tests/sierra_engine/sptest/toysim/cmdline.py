@@ -23,6 +23,22 @@ class ToysimCmdline(PluginCmdline):
             + self.stage_usage_doc([1, 2]),
         )
 
+        self.multistage.add_argument(
+            "--physics-n-threads",
+            type=int,
+            default=None,
+            metavar="N",
+            help="""
+                 Threads each experimental run spins (busy loops for
+                 ``--toysim-duration`` seconds), standing in for a
+                 multi-threaded simulator. Same option and attribute as
+                 ROS1+Gazebo's, so execution environments read it as they
+                 read a real engine's threads per run: ``hpc.*`` sizes
+                 ``--exec-jobs-per-node`` from it as ARGoS does.
+                 """
+            + self.stage_usage_doc([1, 2], "If omitted: no threads (the run sleeps)."),
+        )
+
     def init_stage1(self) -> None:
         self.stage1.add_argument(
             "--toysim-python",
@@ -58,4 +74,5 @@ def to_cmdopts(args: argparse.Namespace) -> types.Cmdopts:
         "toysim_python": args.toysim_python,
         "toysim_steps": args.toysim_steps,
         "toysim_duration": args.toysim_duration,
+        "physics_n_threads": args.physics_n_threads,
     }

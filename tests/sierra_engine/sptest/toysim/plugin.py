@@ -88,24 +88,28 @@ class ExpConfigurer:
 def cmdline_postparse_configure(
     execenv: str, args: argparse.Namespace
 ) -> argparse.Namespace:
-    """Give ``--exec-jobs-per-node`` a value where SIERRA needs one.
+    """Size ``--exec-jobs-per-node`` as ARGoS does (``_configure_hpc_local``).
 
-    ``hpc.*`` execution environments hand it to GNU parallel as ``--jobs``, and
-    SIERRA's per-experiment runner asserts it is set whatever the execution
-    environment. For a per-batch run on any other execution environment
-    (e.g. ``prefectdeploy.*``) it is left unset, so the plugin omits
-    ``--max-parallel`` and the deployment's own cap applies.
+    For ``hpc.*`` execution environments, when not given: the runs that fit on
+    this machine's CPUs with ``--physics-n-threads`` CPUs each,
+    ``min(n_runs, CPUs // threads)``, at least 1. For any other execution
+    environment nothing is set (ARGoS logs "untested" and sets nothing), so
+    an execution environment that needs a value (SIERRA's per-experiment
+    runner asserts one) must set it itself: the ``prefectdeploy.*`` plugins do,
+    and the tests rely on this engine not doing it for them.
     """
-    if not hasattr(args, "exec_jobs_per_node") or args.exec_jobs_per_node is not None:
+    if not execenv.startswith("hpc."):
+        _logger.debug("toysim: leaving --exec-jobs-per-node to --execenv=%s", execenv)
+        return args
+    if getattr(args, "exec_jobs_per_node", None) is not None:
         return args
 
-    paradigm = getattr(args, "exec_parallelism_paradigm", None) or args.toysim_paradigm
-    if execenv.startswith("hpc.") or paradigm == "per-exp":
-        args.exec_jobs_per_node = max(1, min(int(args.n_runs), os.cpu_count() or 1))
-        _logger.debug(
-            "toysim: --exec-jobs-per-node unset; using %s", args.exec_jobs_per_node
-        )
-
+    threads = max(1, getattr(args, "physics_n_threads", None) or 1)
+    cpus = len(os.sched_getaffinity(0)) or 1
+    args.exec_jobs_per_node = max(1, min(int(args.n_runs), cpus // threads))
+    _logger.debug(
+        "toysim: %s threads/run, %s parallel runs/node", threads, args.exec_jobs_per_node
+    )
     return args
 
 

@@ -1,4 +1,4 @@
-"""Per-run changes for ``sptest.toyproj``: output directory, seed, run length."""
+"""Per-run changes for ``sptest.toyproj``: output directory, seed, run length, threads."""
 
 import pathlib
 
@@ -18,4 +18,5 @@ def for_single_exp_run(
     exp_def.attr_change(".//params", "seed", str(random_seed))
     exp_def.attr_change(".//params", "steps", str(cmdopts["toysim_steps"]))
     exp_def.attr_change(".//params", "duration", str(cmdopts["toysim_duration"]))
+    exp_def.attr_change(".//params", "threads", str(cmdopts.get("physics_n_threads") or 0))
     return exp_def
