@@ -7,7 +7,8 @@ environments come from ``sierra_plugins``. Both folders are put on
 
 A batch is ``--batch-criteria toyparam.C<n_experiments>`` with ``--n-runs
 <n_runs>``; every run writes ``<run output dir>/output/data.csv`` (and
-``run.csv``: start, end, pid, host). The equivalent command line (what
+``run.csv``: start, end, pid, host; ``resources.json``: its CPUs and
+``OMP_NUM_THREADS`` as it saw them, read by :func:`run_resources`). The equivalent command line (what
 :func:`sierra_argv` builds)::
 
     SIERRA_PLUGIN_PATH=<repo>/sierra_plugins:<repo>/tests/sierra_engine \\
@@ -28,6 +29,7 @@ killed by name (a timed-out SIERRA is stopped by its own process group id).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -50,6 +52,8 @@ SCENARIO = "basic"
 PARADIGMS = ("per-batch", "per-exp")
 OUTPUT_FILE = "data.csv"
 FAIL_MARKER = "toysim.fail"  # in a run's output dir: toysim fails that run (exit 3)
+FAIL_ONCE_MARKER = "toysim.fail-once"  # the same, once: toysim removes it as it fails
+RESOURCES_FILE = "resources.json"  # per run: its CPUs, OMP_NUM_THREADS, start, end
 
 DEFAULT_TIMEOUT = 300.0  # seconds for one SIERRA invocation
 _KILL_GRACE = 10.0
@@ -284,6 +288,24 @@ def make_run_fail(run_file: Path) -> Path:
     return marker
 
 
+def make_run_fail_once(run_file: Path) -> Path:
+    """Make toysim fail this run's next attempt only; return the marker (gone once used)."""
+    marker = run_output_dir(run_file) / FAIL_ONCE_MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fail once on purpose\n")
+    return marker
+
+
+def run_resources(batch_root: Path) -> list[dict]:
+    """Each run's ``resources.json`` (what toysim saw: CPUs, OMP_NUM_THREADS, start, end),
+    in run order, with ``run`` (the run file's path) added."""
+    paths = expected_outputs(batch_root, RESOURCES_FILE)
+    return [
+        {**json.loads(path.read_text()), "run": str(run_file)}
+        for run_file, path in zip(run_files(batch_root), paths, strict=True)
+    ]
+
+
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -300,10 +322,12 @@ __all__ = [
     "ENGINE",
     "ENGINE_PLUGIN_PATH",
     "FAIL_MARKER",
+    "FAIL_ONCE_MARKER",
     "PARADIGMS",
     "PREFECT_PLUGIN_PATH",
     "PROJECT",
     "REPO",
+    "RESOURCES_FILE",
     "SCENARIO",
     "TEMPLATE",
     "command_lines",
@@ -315,9 +339,11 @@ __all__ = [
     "iter_stage_elapsed",
     "log_tail",
     "make_run_fail",
+    "make_run_fail_once",
     "missing_outputs",
     "run_files",
     "run_output_dir",
+    "run_resources",
     "run_sierra",
     "sierra_argv",
     "sierra_env",

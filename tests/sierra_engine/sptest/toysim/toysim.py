@@ -21,7 +21,9 @@ looks like::
 Effects, in order:
 
 1. If ``<output dir>/toysim.fail`` exists, print a message to stderr and exit 3
-   without writing any output (tests use this to make chosen runs fail).
+   without writing any output (tests use this to make chosen runs fail). If
+   ``<output dir>/toysim.fail-once`` exists, remove it, then do the same: the
+   run fails once and succeeds when run again (tests of retries).
 2. Spend ``duration`` seconds (the simulated work): asleep, or with
    ``threads`` > 0 in that many threads spinning busy loops (a multi-threaded
    simulator; ``--physics-n-threads`` of the engine).
@@ -54,6 +56,7 @@ import time
 import xml.etree.ElementTree as ET
 
 FAIL_MARKER = "toysim.fail"
+FAIL_ONCE_MARKER = "toysim.fail-once"
 
 
 def _write_atomic(path: pathlib.Path, write) -> None:
@@ -75,6 +78,15 @@ def _write_csv(path: pathlib.Path, header: list, rows: list) -> None:
         writer.writerows(rows)
 
     _write_atomic(path, write)
+
+
+def _take(marker: pathlib.Path) -> bool:
+    """Remove ``marker``; True if this call removed it."""
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _cpus_allowed_list() -> str:
@@ -142,6 +154,10 @@ def main(argv: list) -> int:
     run_dir = pathlib.Path(output.get("dir"))
     if (run_dir / FAIL_MARKER).exists():
         print(f"toysim: {run_dir / FAIL_MARKER} exists: failing on purpose", file=sys.stderr)
+        return 3
+    if _take(run_dir / FAIL_ONCE_MARKER):
+        print(f"toysim: {run_dir / FAIL_ONCE_MARKER} was there: failing once on purpose",
+              file=sys.stderr)
         return 3
 
     allowed = _cpus_allowed_list()
