@@ -405,3 +405,230 @@ def test_shim_found_next_to_python_when_not_on_path(monkeypatch, tmp_path):
     assert common.shim_executable() == "sierra-prefect"  # there, but not executable
     shim.chmod(0o755)
     assert common.shim_executable() == f"{tmp_path}/venv/bin/sierra-prefect"
+
+
+# --- resources: cores per run, memory, retries (issue 10) -----------------------------
+
+
+def engine_args(kind: str, engine: str, *argv: str):
+    """Parsed args as SIERRA builds them: core options, a real engine's, the plugin's."""
+    from sierra.core.cmdline import CoreCmdline
+    from sierra.plugins.engine.argos import cmdline as argos_cmdline
+    from sierra.plugins.engine.ros1gazebo import cmdline as gazebo_cmdline
+
+    core = CoreCmdline([], ALL_STAGES).parser
+    extra: list[str] = []
+    if engine == "argos":
+        parents = [argos_cmdline.build([core], ALL_STAGES).parser]
+    elif engine == "ros1gazebo":
+        parents = [gazebo_cmdline.build([core], ALL_STAGES).parser]
+        extra = ["--robot", "turtlebot3"]
+    else:
+        parents = [core]
+    return KINDS[kind][0].build(parents, ALL_STAGES).parser.parse_args([*extra, *argv])
+
+
+def configured(kind: str, engine: str, *argv: str) -> tuple[object, dict]:
+    """args after the plugin's cmdline_postparse_configure, and the cmdopts from them."""
+    args = KINDS[kind][1].cmdline_postparse_configure(engine_args(kind, engine, *argv))
+    opts = KINDS[kind][0].to_cmdopts(args)
+    opts.update(execenv=f"prefectdeploy.{kind}", sierra_root=Path("/srv/sierra root"))
+    return args, opts
+
+
+def generated_argvs(kind: str, cmdopts: dict) -> list[list[str]]:
+    """The command of both paradigms, with exec_opts exactly as SIERRA's runners build them."""
+    plugin = KINDS[kind][1]
+    batch = plugin.BatchShellCmdsGenerator(cmdopts).exec_batch_cmds(batch_exec_opts(cmdopts))
+    exp = plugin.ExpShellCmdsGenerator(cmdopts, 1).exec_exp_cmds(exp_exec_opts(cmdopts))
+    return [shlex.split(batch[0].cmd), shlex.split(exp[0].cmd)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("engine, engine_opt, declared", [
+    ("argos", ("--physics-n-engines", "4"), 4),
+    ("ros1gazebo", ("--physics-n-threads", "3"), 3),
+])
+def test_cores_per_run_from_the_engines_threads(kind, engine, engine_opt, declared):
+    args, opts = configured(kind, engine, "--n-runs", "8", *engine_opt)
+    assert args.exec_cores_per_run == declared and opts["exec_cores_per_run"] == declared
+    for argv in generated_argvs(kind, opts):
+        assert option_values(argv, "--cores-per-run") == [str(declared)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("engine, engine_opt", [
+    ("argos", ("--physics-n-engines", "4")),
+    ("ros1gazebo", ("--physics-n-threads", "3")),
+    ("none", ()),
+])
+def test_explicit_cores_per_run_wins(kind, engine, engine_opt):
+    args, opts = configured(kind, engine, "--n-runs", "8", *engine_opt, "--exec-cores-per-run", "2")
+    assert args.exec_cores_per_run == 2
+    for argv in generated_argvs(kind, opts):
+        assert option_values(argv, "--cores-per-run") == ["2"]
+
+
+@pytest.mark.parametrize("engine, argv", [
+    ("ros1gazebo", ()),                              # Gazebo's default 0: no extra threads
+    ("ros1gazebo", ("--physics-n-threads", "0")),
+    ("argos", ()),                                   # ARGoS without --physics-n-engines
+    ("none", ()),                                    # an engine that declares nothing
+])
+def test_no_declared_threads_leaves_the_flows_default(engine, argv):
+    args, opts = configured("local", engine, "--n-runs", "4", *argv)
+    assert args.exec_cores_per_run is None
+    for call in generated_argvs("local", opts):
+        assert "--cores-per-run" not in call
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n_runs, cores", [("8", None), ("8", "2"), ("1", None), ("8", "999")])
+def test_filled_jobs_per_node_is_for_sierra_only(kind, n_runs, cores):
+    """Without --exec-jobs-per-node SIERRA gets a valid value, and the worker decides the cap."""
+    argv = ["--n-runs", n_runs] + (["--exec-cores-per-run", cores] if cores else [])
+    args, opts = configured(kind, "none", *argv)
+    cpus = len(os.sched_getaffinity(0))
+    expected = max(1, min(int(n_runs), cpus // int(cores or 1)))
+    assert args.exec_jobs_per_node == expected == opts["exec_jobs_per_node"]
+    assert opts["exec_max_parallel"] is None
+    # Neither paradigm forwards it (SIERRA passes it again as exec_opts["n_jobs"]).
+    for call in generated_argvs(kind, opts):
+        assert "--max-parallel" not in call, call
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_given_jobs_per_node_is_forwarded(kind):
+    args, opts = configured(kind, "argos", "--n-runs", "8", "--physics-n-engines", "2",
+                            "--exec-jobs-per-node", "3")
+    assert args.exec_jobs_per_node == 3 and opts["exec_max_parallel"] == 3
+    for call in generated_argvs(kind, opts):
+        assert option_values(call, "--max-parallel") == ["3"]
+        assert option_values(call, "--cores-per-run") == ["2"]
+
+
+def test_postparse_leaves_sierra_alone_without_stage_2():
+    args, opts = configured("local", "argos", "--n-runs", "8", "--physics-n-engines", "2",
+                            "--pipeline", "3", "4")
+    assert args.exec_jobs_per_node is None and args.exec_cores_per_run is None
+    assert opts["exec_max_parallel"] is None
+
+
+def test_postparse_says_what_it_decided(caplog):
+    caplog.set_level("INFO", logger=common.__name__)
+    configured("local", "ros1gazebo", "--n-runs", "4", "--physics-n-threads", "2")
+    text = caplog.text
+    assert "Cores per experimental run: 2 (the engine's --physics-n-threads)" in text
+    assert "--exec-jobs-per-node not given: SIERRA gets" in text and "not forwarded" in text
+    caplog.clear()
+    configured("local", "argos", "--n-runs", "4", "--physics-n-engines", "4",
+               "--exec-cores-per-run", "1", "--exec-jobs-per-node", "2")
+    assert "Cores per experimental run: 1 (--exec-cores-per-run)" in caplog.text
+    assert "--exec-jobs-per-node 2: forwarded as --max-parallel" in caplog.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("build", [batch_argv, exp_argv])
+def test_resource_options_pass_through(kind, build):
+    argv = build(kind, "--exec-cores-per-run", "4", "--exec-memory-per-run", "512M",
+                 "--exec-retries", "2", "--exec-retry-delay", "1.5")
+    assert option_values(argv, "--cores-per-run") == ["4"]
+    assert option_values(argv, "--memory-per-run") == ["512M"]
+    assert option_values(argv, "--retries") == ["2"]
+    assert option_values(argv, "--retry-delay") == ["1.5"]
+    plain = build(kind)
+    for opt in ("--cores-per-run", "--memory-per-run", "--retries", "--retry-delay"):
+        assert opt not in plain
+    # No retries is a value too: forwarded, not dropped.
+    assert option_values(build(kind, "--exec-retries", "0"), "--retries") == ["0"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resource_defaults(kind):
+    opts = make_cmdopts(kind)
+    for key in ("exec_cores_per_run", "exec_memory_per_run", "exec_retries",
+                "exec_retry_delay", "exec_max_parallel"):
+        assert opts[key] is None, key
+
+
+def test_memory_size_goes_to_the_shim_verbatim():
+    """The plugin does not judge sizes: the shim does (execenv_check asks it)."""
+    assert option_values(batch_argv("local", "--exec-memory-per-run", "2Q"), "--memory-per-run") == ["2Q"]
+
+
+@pytest.mark.parametrize("option, bad, what", [
+    ("--exec-cores-per-run", "0", "must be an integer >= 1, got '0'"),
+    ("--exec-cores-per-run", "-2", "must be an integer >= 1, got '-2'"),
+    ("--exec-cores-per-run", "two", "must be an integer >= 1, got 'two'"),
+    ("--exec-cores-per-run", "1.5", "must be an integer >= 1, got '1.5'"),
+    ("--exec-retries", "-1", "must be an integer >= 0, got '-1'"),
+    ("--exec-retries", "x", "must be an integer >= 0, got 'x'"),
+    ("--exec-retry-delay", "-0.5", "must be a number >= 0, got '-0.5'"),
+    ("--exec-retry-delay", "nan", "must be a number >= 0, got 'nan'"),
+    ("--exec-retry-delay", "inf", "must be a number >= 0, got 'inf'"),
+    ("--run-timeout", "0", "must be an integer >= 1, got '0'"),
+])
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_resource_values_get_one_argparse_line(kind, option, bad, what, capsys):
+    with pytest.raises(SystemExit) as info:
+        make_cmdopts(kind, option, bad)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"error: argument {option}: {what}"), last
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"cores_per_run": 0}, {"retries": -1}, {"retry_delay": -1.0}, {"max_parallel": 0},
+])
+def test_build_run_argv_rejects_out_of_range_values(kwargs):
+    with pytest.raises(ValueError, match="must be >="):
+        common.build_run_argv("sierra/local", "/in", "/scratch", **kwargs)
+
+
+# The test engine sizes jobs per node like ARGoS: for hpc.* only.
+
+def _toysim_plugin():
+    if str(ss.ENGINE_PLUGIN_PATH) not in sys.path:
+        sys.path.insert(0, str(ss.ENGINE_PLUGIN_PATH))
+    from sptest.toysim import plugin
+
+    return plugin
+
+
+@pytest.mark.parametrize("threads, n_runs", [(None, 8), (2, 8), (999, 8), (1, 1)])
+def test_toysim_fills_jobs_per_node_for_hpc_like_argos(threads, n_runs):
+    import argparse
+
+    args = argparse.Namespace(exec_jobs_per_node=None, physics_n_threads=threads, n_runs=n_runs)
+    _toysim_plugin().cmdline_postparse_configure("hpc.local", args)
+    cpus = len(os.sched_getaffinity(0))
+    assert args.exec_jobs_per_node == max(1, min(n_runs, cpus // (threads or 1)))
+
+
+@pytest.mark.parametrize("execenv", ["prefectdeploy.local", "prefectdeploy.dockerremote",
+                                     "prefectserver.local"])
+def test_toysim_sets_nothing_for_other_execenvs(execenv):
+    import argparse
+
+    args = argparse.Namespace(exec_jobs_per_node=None, physics_n_threads=2, n_runs=4,
+                              toysim_paradigm="per-exp")
+    _toysim_plugin().cmdline_postparse_configure(execenv, args)
+    assert args.exec_jobs_per_node is None
+
+
+# The shim validates sizes before stage 2 (needs the shim's `check --memory-per-run`).
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_execenv_check_accepts_a_memory_size(kind, stack_env):
+    KINDS[kind][1].execenv_check(make_cmdopts(kind, "--exec-memory-per-run", "512M"))
+
+
+@pytest.mark.parametrize("bad", ["2Q", "lots", "0", "-1G"])
+def test_execenv_check_rejects_a_bad_memory_size_in_one_line(bad, stack_env):
+    with pytest.raises(RuntimeError) as info:
+        local_plugin.execenv_check(make_cmdopts("local", "--exec-memory-per-run", bad))
+    message = str(info.value)
+    assert message.startswith("--execenv=prefectdeploy.local: Prefect deployment "
+                              "'sierra/local' cannot run stage 2: sierra-prefect: error: ")
+    assert bad in message and "\n" not in message
+    assert "sierra-prefect up" not in message
