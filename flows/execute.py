@@ -9,6 +9,14 @@ up: the run's leader gets SIGKILL from the kernel when its parent dies (``setpri
 --pdeathsig``), and every process of a run carries ``SIERRA_PREFECT_RUN`` (its run
 directory) and ``SIERRA_PREFECT_FLOW_RUN`` in its environment, so the next flow run of the
 batch can find stragglers of a dead flow run (``find_stragglers``) and end exactly those.
+
+``RunLimits`` says what one attempt may use: its CPUs (the command starts under
+``taskset``, so its threads and children inherit the affinity from the first instruction,
+with ``OMP_NUM_THREADS`` and its siblings set to the CPU count), a timeout, and a memory
+size. Memory is enforced by a watchdog over the run's process tree (sampled every
+``MEMORY_POLL_SECONDS``; works without root and on cgroup v1 or v2): past the size the
+group is killed and the attempt fails with "memory limit SIZE exceeded". Each attempt's
+peak memory is the larger of the watchdog's samples and the kernel's ``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -19,14 +27,19 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from flows.resources import THREAD_ENV, cpu_list, format_size, tree_rss
 
 # bash like GNU parallel under SIERRA's hpc.local, so the same commands behave the same.
 SHELL = shutil.which("bash") or "/bin/sh"
 # util-linux's setpriv: the run's leader dies with the flow-run process (PR_SET_PDEATHSIG).
 SETPRIV = shutil.which("setpriv")
+# util-linux's taskset: the run starts on its CPUs (Popen has no affinity of its own, and a
+# preexec_fn is unsafe in a threaded process).
+TASKSET = shutil.which("taskset")
 RUN_ENV = "SIERRA_PREFECT_RUN"
 FLOW_RUN_ENV = "SIERRA_PREFECT_FLOW_RUN"
 # Credentials of the flow-run process that experimental runs must never see (a run that
@@ -39,6 +52,20 @@ SECRET_ENV = frozenset({
 })
 # How long a run gets between SIGTERM and SIGKILL when it must be stopped.
 KILL_GRACE_SECONDS = 5.0
+# How often the memory watchdog measures a run's process tree.
+MEMORY_POLL_SECONDS = 0.25
+MEMORY_WATCHDOG = f"a watchdog over each run's process tree, every {MEMORY_POLL_SECONDS} s"
+
+
+@dataclass
+class RunLimits:
+    """What one attempt may use."""
+
+    timeout: float | None = None
+    cpus: tuple[int, ...] | None = None
+    memory: int | None = None  # bytes
+    # Told the tree's resident bytes at every watchdog sample (the scheduler's MemoryGate).
+    on_memory: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -46,6 +73,23 @@ class RunOutcome:
     exit_code: int | None
     timed_out: bool
     seconds: float
+    peak_memory: int | None = None  # bytes
+    memory_exceeded: bool = False
+
+
+class _Process(subprocess.Popen):
+    """Popen that keeps the child's resource usage when it reaps it (``os.wait4``)."""
+
+    max_rss: int | None = None  # bytes, of the largest process of the tree the kernel saw
+
+    def _try_wait(self, wait_flags):  # subprocess's one reaping call, since Python 3.3
+        try:
+            pid, status, usage = os.wait4(self.pid, wait_flags)
+        except ChildProcessError:  # reaped elsewhere, as in Popen's own _try_wait
+            return self.pid, 0
+        if pid == self.pid:
+            self.max_rss = usage.ru_maxrss * 1024  # KiB on Linux
+        return pid, status
 
 
 class LiveRuns:
@@ -100,22 +144,26 @@ def run_command(
     cwd: Path,
     stdout: Path,
     stderr: Path,
-    timeout: float | None,
+    limits: RunLimits | None = None,
     identity: dict[str, str] | None = None,
 ) -> RunOutcome:
-    """Run ``command`` with output appended to the given files; kill its group on timeout.
+    """Run ``command`` with output appended to the given files, within ``limits``.
 
     ``identity`` (e.g. ``{RUN_ENV: run_dir, FLOW_RUN_ENV: id}``) goes into the
     environment of the run and everything it starts.
     """
+    limits = limits or RunLimits()
     started = time.monotonic()
     argv = [SHELL, "-c", command]
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    if limits.cpus and TASKSET:
+        argv = [TASKSET, "--cpu-list", cpu_list(limits.cpus), *argv]
+        env.update(dict.fromkeys(THREAD_ENV, str(len(limits.cpus))))
     if SETPRIV:
         argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env.update(identity or {})
     with open(stdout, "ab") as out, open(stderr, "ab") as err:
-        proc = subprocess.Popen(
+        proc = _Process(
             argv,
             env=env,
             cwd=cwd,
@@ -127,21 +175,59 @@ def run_command(
     # With start_new_session the child is the leader of a group whose id is its pid.
     LIVE_RUNS.add(proc.pid)
     try:
-        try:
-            code = proc.wait(timeout=timeout)
-            return RunOutcome(code, False, time.monotonic() - started)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=KILL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
-            # SIGKILL the whole group even if the leader went: its children may linger.
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return RunOutcome(None, True, time.monotonic() - started)
+        code, ended_by, sampled = _wait_within(proc, limits, started)
     finally:
         LIVE_RUNS.discard(proc.pid)
+    peak = max(sampled, proc.max_rss or 0) or None
+    if ended_by == "memory":
+        with open(stderr, "a") as err:
+            err.write(f"\nsierra-prefect: memory limit {format_size(limits.memory)} exceeded "
+                      f"(process tree at {format_size(sampled)}); the run was killed "
+                      f"(enforced by {MEMORY_WATCHDOG})\n")
+    return RunOutcome(code, ended_by == "timeout", time.monotonic() - started, peak,
+                      ended_by == "memory")
+
+
+def _wait_within(proc: _Process, limits: RunLimits,
+                 started: float) -> tuple[int | None, str | None, int]:
+    """(exit code, "timeout"/"memory" if it had to be ended, peak sampled tree bytes)."""
+    deadline = None if limits.timeout is None else started + limits.timeout
+    peak = 0
+    while True:
+        step = MEMORY_POLL_SECONDS if limits.memory else None
+        if deadline is not None:
+            remaining = max(0.0, deadline - time.monotonic())
+            step = remaining if step is None else min(step, remaining)
+        try:
+            return proc.wait(timeout=step), None, peak
+        except subprocess.TimeoutExpired:
+            pass
+        if limits.memory:
+            rss = tree_rss(proc.pid)
+            peak = max(peak, rss)
+            if limits.on_memory:
+                limits.on_memory(rss)
+            if rss > limits.memory:
+                # No grace: a run past its memory puts the host at risk, as the OOM killer
+                # (or SLURM's) would see it.
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return None, "memory", peak
+        if deadline is not None and time.monotonic() >= deadline:
+            _end_group(proc)
+            return None, "timeout", peak
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's group, SIGKILL it after the grace period, reap the leader."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=KILL_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    # SIGKILL the whole group even if the leader went: its children may linger.
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def find_stragglers(run_dirs: Iterable[str]) -> dict[str, list[tuple[int, str]]]:
@@ -196,10 +282,15 @@ class RunRecord:
     exit_code: int | None
     timed_out: bool
     seconds: float
-    attempt: int
+    attempt: int  # its number on disk (attempt-00k), counting earlier flow runs'
     stdout: str
     stderr: str
     error: str | None = None  # the attempt could not even start (e.g. its logs)
+    attempts: int = 1  # made by this flow run, retries included
+    cpus: str = ""  # the CPUs it was pinned to, "0-1"
+    peak_memory: int | None = None  # bytes
+    memory_exceeded: bool = False
+    memory_limit: int | None = None  # bytes
 
     @property
     def ok(self) -> bool:
@@ -211,30 +302,44 @@ class RunRecord:
             return "COMPLETED"
         return "TIMED OUT" if self.timed_out else "FAILED"
 
+    @property
+    def reason(self) -> str | None:
+        """Why it failed when its exit code does not say."""
+        if self.memory_exceeded:
+            return f"memory limit {format_size(self.memory_limit or 0)} exceeded"
+        if self.timed_out:
+            return "timed out"
+        return self.error
 
-def execute_run(run, scratch: Path, workdir: Path, timeout: float | None,
-                flow_run_id: str) -> RunRecord:
+
+def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_id: str,
+                attempts: int = 1) -> RunRecord:
     """One attempt of ``run``: new attempt logs, the command in its own process group,
-    the success marker (atomically) if it exited 0."""
+    the success marker (atomically) if it exited 0. ``attempts`` counts this one."""
     from datetime import UTC, datetime
 
     from flows.plan import attempt_number, mark_done, new_attempt_logs, run_dir
 
     directory = run_dir(scratch, run)
+    cpus = cpu_list(limits.cpus) if limits.cpus else ""
     try:
         stdout, stderr = new_attempt_logs(directory)
     except OSError as exc:
         return RunRecord(run.index, run.name, run.run_id, run.command, None, False, 0.0, 0,
-                         str(directory), str(directory), error=f"cannot create its logs: {exc}")
+                         str(directory), str(directory), error=f"cannot create its logs: {exc}",
+                         attempts=attempts, cpus=cpus)
     identity = {RUN_ENV: str(directory), FLOW_RUN_ENV: flow_run_id}
-    outcome = run_command(run.command, workdir, stdout, stderr, timeout, identity)
+    outcome = run_command(run.command, workdir, stdout, stderr, limits, identity)
     record = RunRecord(run.index, run.name, run.run_id, run.command, outcome.exit_code,
                        outcome.timed_out, round(outcome.seconds, 3), attempt_number(stdout),
-                       str(stdout), str(stderr))
+                       str(stdout), str(stderr), attempts=attempts, cpus=cpus,
+                       peak_memory=outcome.peak_memory, memory_exceeded=outcome.memory_exceeded,
+                       memory_limit=limits.memory)
     if record.ok:
         mark_done(scratch, run, {
             "name": run.name, "run_id": run.run_id, "exit_code": 0, "timed_out": False,
-            "seconds": record.seconds, "attempt": record.attempt, "stdout": record.stdout,
+            "seconds": record.seconds, "attempt": record.attempt, "attempts": attempts,
+            "cpus": cpus, "peak_memory": record.peak_memory, "stdout": record.stdout,
             "stderr": record.stderr, "finished": datetime.now(UTC).isoformat(),
         })
     return record

@@ -8,6 +8,16 @@ flow (``input_root``, ``scratch_root``; runs are the non-empty lines of
 - ``max_parallel``: the cap; never more runs at once, no idle slot while runs wait.
   Default: the CPUs of the worker host. It is a local thread pool, so it is exact and
   costs no server round trips.
+- ``cores_per_run`` (default 1): CPUs each run needs. Runs at once = min(max_parallel,
+  usable CPUs of the worker // cores_per_run), at least 1; each run is pinned to its own
+  CPUs, never shared with another run of this stack on the host (other batches included),
+  and gets ``OMP_NUM_THREADS`` (and siblings) = cores_per_run.
+- ``memory_per_run`` (e.g. ``"2G"``): a run starts only when the host's available memory,
+  less what running runs may still grow into, covers it, and is killed and reported
+  "memory limit 2.0G exceeded" if its process tree grows past it.
+- ``retries`` (default 0), ``retry_delay`` (seconds, default 0): a failed or timed-out run
+  runs again up to ``retries`` times, after ``retry_delay``, holding no CPU while it waits;
+  every attempt keeps its own logs.
 - ``resume`` (default true): skip runs whose success marker is already under
   ``scratch_root``, so a crash or a cancel costs only the unfinished runs.
 - ``run_timeout``: seconds; a run that takes longer has its whole process group killed
@@ -52,9 +62,12 @@ from prefect.client.schemas.actions import ArtifactCreate
 from prefect.context import get_run_context
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from flows.execute import (
     LIVE_RUNS,
+    MEMORY_WATCHDOG,
+    RunLimits,
     RunRecord,
     end_processes,
     execute_run,
@@ -72,16 +85,71 @@ from flows.plan import (
     run_dir,
     tail,
 )
-from flows.scheduler import Scheduler
+from flows.resources import (
+    CpuSets,
+    MemoryGate,
+    cpu_list,
+    format_size,
+    parse_size,
+    runs_at_once,
+    usable_cpus,
+)
+from flows.scheduler import Placement, Scheduler
 from flows.spread import FanOut, declined_summary, worker_name, worker_slot
 from flows.summary import SUMMARY_JSON_KEY, SUMMARY_KEY, BatchSummary, FailedRun
 from flows.tracking import Tracker
 from sierra_prefect.versions import mismatch
 
 
-def default_cap() -> int:
-    """The CPUs this process may use (respects container and cgroup CPU sets)."""
-    return len(os.sched_getaffinity(0))
+class RunResources(BaseModel):
+    """What each run of a flow run gets: decided once, on the worker host."""
+
+    cap: int  # runs at once
+    cores_per_run: int
+    cpus: list[int]  # the host's usable CPUs
+    memory: int | None  # bytes per run
+    retries: int
+    retry_delay: float
+    timeout: float | None
+
+    @classmethod
+    def on_this_host(cls, max_parallel, cores_per_run, memory_per_run, retries, retry_delay,
+                     run_timeout, logger) -> RunResources:
+        """Validate the flow's parameters (ValueError with one line) and size the slots."""
+        for name, value, least in (("max_parallel", max_parallel, 1),
+                                   ("cores_per_run", cores_per_run, 1), ("retries", retries, 0),
+                                   ("retry_delay", retry_delay, 0)):
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, not {value}")
+        memory = parse_size(memory_per_run) if memory_per_run not in (None, "") else None
+        cpus = usable_cpus()
+        cap = runs_at_once(max_parallel, cores_per_run, len(cpus))
+        if cores_per_run > len(cpus):
+            logger.warning("%d cores per run is more than the %d usable CPUs here: one run at "
+                           "a time, on all of them", cores_per_run, len(cpus))
+        elif max_parallel and max_parallel > cap:
+            logger.info("max_parallel %d: %d CPUs at %d per run fit %d runs at once",
+                        max_parallel, len(cpus), cores_per_run, cap)
+        return cls(cap=cap, cores_per_run=cores_per_run, cpus=cpus, memory=memory,
+                   retries=retries, retry_delay=retry_delay, timeout=run_timeout)
+
+    def cpu_sets(self) -> CpuSets:
+        return CpuSets(self.cpus, self.cores_per_run, cpu_lock_dir())
+
+
+def cpu_lock_dir() -> Path:
+    """Where the CPU locks of this stack's flow runs on this host live: its Prefect home
+    (every flow run a stack's worker starts shares it), else a per-user temp directory."""
+    import tempfile
+
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home).expanduser() / "sierra-prefect-cpus"
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return home
+    except OSError:  # e.g. a container user without a writable home
+        return Path(tempfile.gettempdir()) / f"sierra-prefect-cpus-{os.getuid()}"
 
 
 class _Experiments:
@@ -233,6 +301,7 @@ def _failed_run(record: RunRecord) -> FailedRun:
     return FailedRun(
         name=record.name, run_id=record.run_id, command=record.command,
         exit_code=record.exit_code, timed_out=record.timed_out, attempt=record.attempt,
+        attempts=record.attempts, reason=record.reason, peak_memory=record.peak_memory,
         stdout=record.stdout,
         stderr=f"{record.stderr} ({record.error})" if record.error else record.stderr,
         stderr_tail=record.error or tail(Path(record.stderr)),
@@ -245,9 +314,10 @@ def _crashed_record(run: RunSpec, scratch: Path, error: BaseException) -> RunRec
                      logs, logs, error=repr(error))
 
 
-def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
-              run_timeout: float | None, tracker: Tracker) -> tuple[int, list[FailedRun]]:
-    """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs).
+def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunResources,
+              tracker: Tracker, logger) -> tuple[int, list[FailedRun], dict[str, int]]:
+    """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs, runs that
+    succeeded after a retry with their attempts).
 
     The flow's main thread runs the scheduler's loop; one task run per experiment shows
     the grouping in the UI and ends with its experiment's runs.
@@ -255,11 +325,31 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
     flow_run_id = str(get_run_context().flow_run.id)
     experiments = _Experiments(todo)
     _BATCHES[flow_run_id] = (experiments, tracker)
+    memory = MemoryGate(resources.memory) if resources.memory else None
+    retried: dict[str, int] = {}
+
+    def execute(run: RunSpec, placement: Placement) -> RunRecord:
+        limits = RunLimits(resources.timeout, placement.cpus, resources.memory,
+                           on_memory=(lambda rss: memory.seen(id(run), rss)) if memory else None)
+        return execute_run(run, scratch, Path(workdir), limits, flow_run_id, placement.attempt)
 
     def done(run: RunSpec, record: RunRecord) -> None:
+        if record.ok and record.attempts > 1:
+            retried[record.name] = record.attempts
         tracker.finished(record)
         experiments.finished(run.experiment, record)
 
+    def retry(run: RunSpec, record: RunRecord, placement: Placement) -> None:
+        logger.warning("%s: attempt %d failed (%s); retry %d of %d in %g s", run.name,
+                       placement.attempt, record.reason or f"exit code {record.exit_code}",
+                       placement.attempt, resources.retries, resources.retry_delay)
+        tracker.retrying(record, resources.retry_delay)
+
+    def wait(run: RunSpec, reason: str) -> None:
+        logger.info("%s waits for %s", run.name, reason)
+        tracker.waiting(reason)
+
+    cpus = resources.cpu_sets()
     try:
         with ThreadPoolTaskRunner(max_workers=max(1, len(experiments.left))) as runner:
             tasks = [runner.submit(experiment_runs, parameters={
@@ -267,23 +357,23 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, cap: int,
                      for name, count in experiments.left.items()]
             try:
                 with _runs_end_with_the_flow():
-                    Scheduler(cap).run(
-                        todo,
-                        execute=lambda run: execute_run(run, scratch, Path(workdir), run_timeout,
-                                                        flow_run_id),
-                        on_start=tracker.started,
-                        on_done=done,
+                    Scheduler(resources.cap, cpus, memory, resources.retries,
+                              resources.retry_delay).run(
+                        todo, execute=execute, on_start=tracker.started, on_done=done,
                         on_error=lambda run, exc: _crashed_record(run, scratch, exc),
+                        failed=lambda record: not record.ok, on_retry=retry, on_wait=wait,
                     )
             finally:
                 experiments.release()
             for future in tasks:
                 future.wait()
     finally:
+        cpus.close()
         _BATCHES.pop(flow_run_id, None)
     failed = sorted((r for group in experiments.failed.values() for r in group),
                     key=lambda r: r.index)
-    return sum(experiments.ended.values()) - len(failed), [_failed_run(r) for r in failed]
+    return (sum(experiments.ended.values()) - len(failed), [_failed_run(r) for r in failed],
+            retried)
 
 
 @flow(name="sierra", log_prints=False, persist_result=False)
@@ -297,6 +387,10 @@ def sierra(
     spread: int | None = None,
     only_runs: list[int] | None = None,
     spread_group: str | None = None,
+    cores_per_run: int = 1,
+    memory_per_run: str | None = None,
+    retries: int = 0,
+    retry_delay: float = 0.0,
 ):
     """Run every experimental run in ``<input_root>/commands.txt`` under a cap.
 
@@ -312,9 +406,8 @@ def sierra(
         named["workdir"] = workdir
     check_allowed(named, os.environ.get(ALLOWED_ROOTS_ENV))
     runs = plan_runs(inp, read_commands(inp))
-    cap = max_parallel or default_cap()
-    if cap < 1:
-        raise ValueError(f"max_parallel must be at least 1, not {cap}")
+    resources = RunResources.on_this_host(max_parallel, cores_per_run, memory_per_run, retries,
+                                          retry_delay, run_timeout, logger)
     if spread is not None and spread < 1:
         raise ValueError(f"spread must be at least 1, not {spread}")
     prepare_scratch(scratch)
@@ -326,7 +419,9 @@ def sierra(
     skipped = len(runs) - len(todo)
     summary = BatchSummary(
         input_root=str(inp), scratch_root=str(scratch), total=len(runs), succeeded=0,
-        failed=0, skipped=skipped, max_parallel=cap,
+        failed=0, skipped=skipped, max_parallel=resources.cap,
+        cores_per_run=resources.cores_per_run, memory_per_run=resources.memory,
+        retries=resources.retries,
     )
     worker = worker_name()
     if spread and spread > 1 and only_runs is None:
@@ -340,30 +435,38 @@ def sierra(
             parameters={"input_root": input_root, "scratch_root": scratch_root,
                         "max_parallel": max_parallel, "resume": resume,
                         "run_timeout": run_timeout, "workdir": workdir,
+                        "cores_per_run": cores_per_run, "memory_per_run": memory_per_run,
+                        "retries": retries, "retry_delay": retry_delay,
                         "spread_group": str(get_run_context().flow_run.id)},
             job_variables=get_run_context().flow_run.job_variables or None,
             scratch=scratch, logger=logger, tags=list(get_run_context().flow_run.tags or []),
         )
         fan.run(todo, spread)
         succeeded, failed_runs, workers = fan.succeeded, fan.failed_runs, fan.workers
+        retried = {}
     else:
         with worker_slot(scratch, spread_group, worker) if spread_group else nullcontext(True) as slot:
             if not slot:
                 logger.info("a sibling of this batch already runs on %s: declining", worker)
                 _publish(declined_summary(summary, worker))
                 return summary.model_dump(mode="json")
-            logger.info("%d runs (%d already done), at most %d at once on %s",
-                        len(runs), skipped, cap, worker)
+            logger.info("%d runs (%d already done), at most %d at once on %s, %d CPU(s) each "
+                        "(pinned, of CPUs %s)%s%s", len(runs), skipped, resources.cap, worker,
+                        min(resources.cores_per_run, len(resources.cpus)),
+                        cpu_list(resources.cpus),
+                        f", {format_size(resources.memory)} memory each, enforced by "
+                        f"{MEMORY_WATCHDOG}" if resources.memory else "",
+                        f", up to {resources.retries} retries" if resources.retries else "")
             _end_stragglers(scratch, todo, logger)
             flow_run_id = get_run_context().flow_run.id
             with Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
-                succeeded, failed_runs = _run_here(todo, scratch, workdir or str(inp), cap,
-                                                   run_timeout, tracker)
+                succeeded, failed_runs, retried = _run_here(todo, scratch, workdir or str(inp),
+                                                            resources, tracker, logger)
         workers = {worker: len(todo)}
 
     summary = summary.model_copy(update={
         "succeeded": succeeded, "failed": len(failed_runs), "failed_runs": failed_runs,
-        "workers": workers,
+        "workers": workers, "retried": retried,
     })
     _publish(summary)
     logger.info(summary.headline())

@@ -10,6 +10,8 @@ import re
 
 from pydantic import BaseModel, Field
 
+from flows.resources import format_size
+
 # Keys of the artifacts the flow publishes: markdown for people, JSON for the shim.
 SUMMARY_KEY = "sierra-summary"
 SUMMARY_JSON_KEY = "sierra-summary-json"
@@ -43,7 +45,10 @@ class FailedRun(BaseModel):
     timed_out: bool = False
     stdout: str
     stderr: str
-    attempt: int | None = None
+    attempt: int | None = None  # the number of its last attempt's logs (attempt-00k)
+    attempts: int = 1  # made by this flow run, retries included
+    reason: str | None = None  # e.g. "memory limit 2.0G exceeded", "timed out"
+    peak_memory: int | None = None  # bytes
     # The last lines of the attempt's stderr, so the reason shows without opening a file.
     stderr_tail: str = ""
 
@@ -55,7 +60,12 @@ class BatchSummary(BaseModel):
     succeeded: int
     failed: int
     skipped: int
-    max_parallel: int
+    max_parallel: int  # runs at once, after cores per run
+    cores_per_run: int = 1
+    memory_per_run: int | None = None  # bytes
+    retries: int = 0
+    # Runs that succeeded only after a retry, with the attempts each took.
+    retried: dict[str, int] = {}
     failed_runs: list[FailedRun] = []
     # Runs executed per worker (several with spread), and whether a spread child declined.
     workers: dict[str, int] = {}
@@ -77,20 +87,27 @@ class BatchSummary(BaseModel):
             "",
             f"- input root: `{self.input_root}`",
             f"- scratch root: `{self.scratch_root}`",
-            f"- cap: {self.max_parallel} runs at once",
+            f"- cap: {self.max_parallel} runs at once, {self.cores_per_run} CPU(s) each "
+            f"(pinned)" + (f", {format_size(self.memory_per_run)} memory each" if self.memory_per_run
+                           else "") + f", up to {self.retries} retries",
             "",
             "| total | succeeded | failed | skipped |",
             "|---|---|---|---|",
             f"| {self.total} | {self.succeeded} | {self.failed} | {self.skipped} |",
         ]
+        if self.retried:
+            lines += ["", "## Succeeded after a retry", "", "| run | attempts |", "|---|---|"]
+            lines += [f"| {name} | {attempts} |" for name, attempts in self.retried.items()]
         if self.failed_runs:
-            lines += ["", "## Failed runs", "", "| run | exit code | command | stdout | stderr |"]
-            lines.append("|---|---|---|---|---|")
+            lines += ["", "## Failed runs", "",
+                      "| run | exit code | reason | attempts | command | stdout | stderr |",
+                      "|---|---|---|---|---|---|---|"]
             for run in self.failed_runs:
                 code = "timeout" if run.timed_out else str(run.exit_code)
                 command = run.command.replace("|", "\\|")
                 lines.append(
-                    f"| {run.name} | {code} | `{command}` | `{run.stdout}` | `{run.stderr}` |"
+                    f"| {run.name} | {code} | {run.reason or ''} | {run.attempts} | `{command}` "
+                    f"| `{run.stdout}` | `{run.stderr}` |"
                 )
             for run in self.failed_runs:
                 if run.stderr_tail:

@@ -7,8 +7,12 @@ big batch). Instead, per flow run:
 - one task run per experiment (``c1-exp3``; a batch without SIERRA's names is one
   experiment named after its directory), Completed or Failed with its runs;
 - a progress artifact "N of M runs done: S succeeded, F failed, K skipped", the live bar;
-- per experiment, table artifacts of its runs (run, state, exit code, seconds, attempt,
-  stdout, stderr), at most ``PAGE_ROWS`` rows each, linked to the experiment's task run.
+- per experiment, table artifacts of its runs (run, state, exit code, reason, seconds,
+  attempts made by this flow run, the number of the last attempt's logs, CPUs it was
+  pinned to, peak memory, stdout, stderr), at most ``PAGE_ROWS`` rows each, linked to the
+  experiment's task run;
+- while the next run waits for room (memory, CPUs held by another batch), the progress
+  artifact's description says what it waits for.
 
 Runs only touch memory (``started``/``finished``); one background thread writes what
 changed every ``FLUSH_SECONDS`` (a PATCH of the progress artifact and of each table page
@@ -28,6 +32,7 @@ from uuid import UUID
 
 from flows.execute import RunRecord
 from flows.plan import RunSpec
+from flows.resources import format_size
 from flows.summary import progress_text
 
 FLUSH_SECONDS = 1.0
@@ -39,7 +44,9 @@ log = logging.getLogger(__name__)
 def row_of(record: RunRecord) -> dict:
     return {
         "run": record.name, "state": record.state, "exit code": record.exit_code,
-        "seconds": record.seconds, "attempt": record.attempt,
+        "reason": record.reason, "seconds": record.seconds, "attempts": record.attempts,
+        "attempt": record.attempt, "cpus": record.cpus,
+        "peak memory": format_size(record.peak_memory) if record.peak_memory else None,
         "stdout": record.stdout, "stderr": record.stderr,
     }
 
@@ -83,6 +90,7 @@ class Tracker:
             current[run.experiment].size += 1
         self._progress_id: UUID | None = None
         self._progress_dirty = True
+        self._waiting: str | None = None
         self._thread = threading.Thread(
             target=contextvars.copy_context().run, args=(self._loop,), name="tracker", daemon=True)
 
@@ -95,10 +103,21 @@ class Tracker:
     def started(self, run: RunSpec) -> None:
         with self._lock:
             page = self._page_of[run.index]
-            page.rows[run.index] = {"run": run.name, "state": "RUNNING", "exit code": None,
-                                    "seconds": None, "attempt": None, "stdout": None,
-                                    "stderr": None}
+            page.rows[run.index] = {"run": run.name, "state": "RUNNING"}
             page.dirty = True
+            if self._waiting:
+                self._waiting, self._progress_dirty = None, True
+
+    def retrying(self, record: RunRecord, delay: float) -> None:
+        with self._lock:
+            page = self._page_of[record.index]
+            page.rows[record.index] = {**row_of(record), "state": f"RETRYING in {delay:g} s"}
+            page.dirty = True
+
+    def waiting(self, reason: str) -> None:
+        """The next run waits for room that frees up elsewhere (memory, CPUs)."""
+        with self._lock:
+            self._waiting, self._progress_dirty = reason, True
 
     def finished(self, record: RunRecord) -> None:
         with self._lock:
@@ -144,7 +163,7 @@ class Tracker:
                 page.dirty = False
             progress = self._progress_dirty
             self._progress_dirty = False
-            counts = (self.total, self.succeeded, self.failed, self.skipped)
+            counts = (self.total, self.succeeded, self.failed, self.skipped, self._waiting)
         try:
             if progress or self._progress_id is None:
                 self._write_progress(client, *counts)
@@ -161,12 +180,14 @@ class Tracker:
             raise
 
     def _write_progress(self, client, total: int, succeeded: int, failed: int,
-                        skipped: int) -> None:
+                        skipped: int, waiting: str | None) -> None:
         from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 
         done = succeeded + failed + skipped
         percent = 100.0 * done / total if total else 100.0
         text = progress_text(total, succeeded, failed, skipped)
+        if waiting:
+            text += f"; next run waits for {waiting}"
         if self._progress_id is None:
             self._progress_id = client.create_artifact(ArtifactCreate(
                 type="progress", data=percent, description=text,

@@ -157,14 +157,17 @@ def check(
         None, metavar="IMAGE", help="Docker deployments: check this image's Prefect instead."),
     mount: list[str] = typer.Option(
         [], metavar="SRC:DST[:MODE]", help="Docker deployments: validate SRC:DST[:MODE] (repeatable)."),
+    memory_per_run: str | None = typer.Option(
+        None, metavar="SIZE", help="Validate a --memory-per-run SIZE (e.g. 2G)."),
 ) -> None:
     """Exit 0 if the server is reachable, DEPLOYMENT exists, the Prefect versions may work
-    together and the mounts are valid (used by SIERRA plugins before stage 2)."""
+    together and the mounts and sizes are valid (used by SIERRA plugins before stage 2)."""
     from sierra_prefect.docker import parse_mount
-    from sierra_prefect.trigger import check_deployment
+    from sierra_prefect.trigger import check_deployment, check_resources
 
     for m in mount:
         parse_mount(m)
+    check_resources(memory_per_run=memory_per_run)
     connection = _stack(_settings(), quiet=True).connection()
     with connection.client() as client:
         check_deployment(client, connection, deployment, work_pool, image=image, console=err)
@@ -179,9 +182,20 @@ def run(
     scratch_root: str = typer.Option(
         ..., metavar="DIR", help="Absolute directory for logs and resume markers."),
     max_parallel: int | None = typer.Option(
-        None, metavar="N", help="Cap on runs at once (default: worker host CPUs)."),
+        None, metavar="N",
+        help="Cap on runs at once (default and upper bound: worker host CPUs // cores per run)."),
     run_timeout: float | None = typer.Option(
         None, metavar="SECONDS", help="Seconds before a run's process group is killed."),
+    cores_per_run: int | None = typer.Option(
+        None, metavar="N", help="CPUs one run needs (default 1): runs at once = min(--max-parallel, "
+        "CPUs // N); each run is pinned to its own N CPUs, OMP_NUM_THREADS=N."),
+    memory_per_run: str | None = typer.Option(
+        None, metavar="SIZE", help="Memory one run needs, e.g. 2G: a run starts when that much "
+        "is free and is killed (failed) if it grows past it."),
+    retries: int | None = typer.Option(
+        None, metavar="N", help="Run a failed or timed-out run again, up to N times (default 0)."),
+    retry_delay: float | None = typer.Option(
+        None, metavar="SECONDS", help="Wait before each retry (default 0); a waiting run holds no CPU."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip runs that already succeeded."),
     workdir: str | None = typer.Option(
         None, metavar="DIR", help="Directory the commands run in (default: input root)."),
@@ -213,6 +227,10 @@ def run(
         scratch_root=scratch_root,
         max_parallel=max_parallel,
         run_timeout=run_timeout,
+        cores_per_run=cores_per_run,
+        memory_per_run=memory_per_run,
+        retries=retries,
+        retry_delay=retry_delay,
         resume=resume,
         workdir=workdir,
         spread=spread,

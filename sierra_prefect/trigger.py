@@ -39,6 +39,7 @@ from flows.plan import (
     prepare_scratch,
     read_commands,
 )
+from flows.resources import parse_size
 from flows.summary import BatchSummary, parse_progress, read_summary
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
@@ -69,6 +70,10 @@ class Trigger:
     scratch_root: str
     max_parallel: int | None = None
     run_timeout: float | None = None
+    cores_per_run: int | None = None
+    memory_per_run: str | None = None
+    retries: int | None = None
+    retry_delay: float | None = None
     resume: bool = True
     workdir: str | None = None
     spread: int | None = None
@@ -100,6 +105,9 @@ class Trigger:
             values["max_parallel"] = self.max_parallel
         if self.run_timeout is not None:
             values["run_timeout"] = self.run_timeout
+        for name in ("cores_per_run", "memory_per_run", "retries", "retry_delay"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         if self.workdir is not None:
             values["workdir"] = self.workdir
         if self.spread is not None:
@@ -150,8 +158,26 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
         raise ShimError(f"--spread {trigger.spread} is below 1: pass the number of child flow runs")
     if trigger.run_timeout is not None and trigger.run_timeout <= 0:
         raise ShimError(f"--run-timeout {trigger.run_timeout} is not positive: pass seconds > 0")
+    check_resources(trigger.cores_per_run, trigger.memory_per_run, trigger.retries,
+                    trigger.retry_delay)
     done = sum(is_done(scratch, r) for r in runs) if trigger.resume else 0
     return len(runs), done
+
+
+def check_resources(cores_per_run: int | None = None, memory_per_run: str | None = None,
+                    retries: int | None = None, retry_delay: float | None = None) -> None:
+    """One-line errors for per-run resources the flow would refuse."""
+    if cores_per_run is not None and cores_per_run < 1:
+        raise ShimError(f"--cores-per-run {cores_per_run} is below 1: pass the CPUs one run needs")
+    if memory_per_run is not None:
+        try:
+            parse_size(memory_per_run)
+        except ValueError as exc:
+            raise ShimError(f"--memory-per-run {exc}") from exc
+    if retries is not None and retries < 0:
+        raise ShimError(f"--retries {retries} is below 0: pass how many times to re-run a failed run")
+    if retry_delay is not None and retry_delay < 0:
+        raise ShimError(f"--retry-delay {retry_delay} is below 0: pass seconds >= 0")
 
 
 def check_deployment(client, connection: Connection, name: str, work_pool: str | None = None,

@@ -94,11 +94,15 @@ def test_summary_markdown_lists_failed_runs():
         input_root="/in", scratch_root="/s", total=3, succeeded=1, failed=1, skipped=1,
         max_parallel=2,
         failed_runs=[FailedRun(name="c1-exp0-run1", run_id="x", command="sim | tee",
-                               exit_code=3, stdout="/s/o", stderr="/s/e")],
+                               exit_code=None, stdout="/s/o", stderr="/s/e", attempts=2,
+                               reason="memory limit 2.0G exceeded")],
+        retried={"c1-exp0-run2": 3}, cores_per_run=2, memory_per_run=2 * 1024**3, retries=2,
     )
     text = summary.to_markdown()
     assert "| 3 | 1 | 1 | 1 |" in text
-    assert "c1-exp0-run1 | 3 | `sim \\| tee`" in text
+    assert "| c1-exp0-run1 | None | memory limit 2.0G exceeded | 2 | `sim \\| tee` |" in text
+    assert "| c1-exp0-run2 | 3 |" in text  # succeeded on its third attempt
+    assert "2 CPU(s) each (pinned), 2.0G memory each, up to 2 retries" in text
     assert not summary.ok
 
 
@@ -159,7 +163,7 @@ def _schedule(scheduler, durations: list[float]):
     lock = threading.Lock()
     log, starts = {}, []
 
-    def execute(i):
+    def execute(i, placement):
         started = time.monotonic()
         with lock:
             starts.append(i)
@@ -186,7 +190,7 @@ def test_scheduler_holds_the_cap_exactly_and_leaves_no_slot_idle():
 
         def admit(self, run):
             self.admitted.append(run)
-            super().admit(run)
+            return super().admit(run)
 
     durations = [1.5] + [0.05] * 12
     scheduler = Recording(3)
@@ -215,15 +219,16 @@ def test_scheduler_asks_has_room_for_the_run_at_the_head():
             return self.weight + (2 if run == 0 else 1) <= 2 and super().has_room(run)
 
         def admit(self, run):
-            super().admit(run)
+            placement = super().admit(run)
             self.weight += 2 if run == 0 else 1
             self.most_weight = max(self.most_weight, self.weight)
+            return placement
 
         def release(self, run):
             super().release(run)
             self.weight -= 2 if run == 0 else 1
 
-    def execute(run):
+    def execute(run, placement):
         import time
         time.sleep(0.05)
         return run
@@ -239,7 +244,7 @@ def test_scheduler_asks_has_room_for_the_run_at_the_head():
 def test_scheduler_reports_a_run_that_could_not_execute_and_goes_on():
     from flows.scheduler import Scheduler
 
-    def execute(run):
+    def execute(run, placement):
         if run == 1:
             raise OSError("no space left")
         return "ok"

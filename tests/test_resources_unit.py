@@ -1,0 +1,142 @@
+"""Resources of runs without Prefect: sizes, slots, CPU sets shared through locks, and the
+scheduler's retries and admission. Real threads, real files, real processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flows.resources import CpuSets, cpu_list, format_size, parse_size, runs_at_once
+from flows.scheduler import Placement, Scheduler
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("2G", 2 * 1024**3), ("512M", 512 * 1024**2), ("1.5g", 1536 * 1024**2), ("2GiB", 2 * 1024**3),
+    ("100", 100), ("64K", 65536), ("1T", 1024**4),
+])
+def test_parse_size_reads_what_people_write(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["2Q", "", "G", "-1G", "two gigs", "0", "1.5.2G"])
+def test_parse_size_refuses_anything_else_with_one_line(text):
+    with pytest.raises(ValueError) as caught:
+        parse_size(text)
+    message = str(caught.value)
+    assert "\n" not in message and f"'{text}'" in message and "e.g." in message
+
+
+def test_format_size_and_cpu_list():
+    assert format_size(2 * 1024**3) == "2.0G" and format_size(1536 * 1024) == "1.5M"
+    assert cpu_list([3, 0, 1, 2, 6]) == "0-3,6" and cpu_list([1]) == "1"
+
+
+@pytest.mark.parametrize(("max_parallel", "cores", "cpus", "slots"), [
+    (None, 1, 8, 8), (None, 2, 8, 4), (None, 3, 8, 2), (4, 1, 8, 4), (16, 1, 8, 8),
+    (None, 16, 8, 1), (2, 3, 2, 1), (1, 1, 2, 1),
+])
+def test_runs_at_once_is_the_cap_or_the_cores_whichever_is_less(max_parallel, cores, cpus, slots):
+    assert runs_at_once(max_parallel, cores, cpus) == slots
+
+
+def test_cpu_sets_of_two_flow_runs_never_overlap(tmp_path):
+    """Two CpuSets on one directory stand for two flow runs of one stack on one host."""
+    first, second = CpuSets([0, 1, 2, 3], 2, tmp_path), CpuSets([0, 1, 2, 3], 2, tmp_path)
+    try:
+        a = first.take()
+        b = second.take()
+        assert a and b and not set(a) & set(b) and len(a) == len(b) == 2
+        assert first.take() is None and second.take() is None  # all four are owned
+        first.give(a)
+        c = second.take()
+        assert c == a  # what one gives back, the other can take
+        second.close()  # a flow run that ends (or dies) frees its CPUs with its descriptors
+        assert sorted(first.take() + first.take()) == [0, 1, 2, 3]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_more_cores_than_the_host_has_means_one_run_on_all_cpus(tmp_path):
+    cpus = CpuSets([0, 1], 5, tmp_path)
+    try:
+        assert cpus.take() == (0, 1) and cpus.take() is None
+    finally:
+        cpus.close()
+
+
+def test_scheduler_retries_a_failed_run_and_holds_no_slot_while_it_waits():
+    """Cap 1: run 0 fails once and waits 0.6 s to retry; run 1 uses the slot meanwhile."""
+    log: list[tuple[int, int, float, float]] = []  # (run, attempt, start, end)
+    lock = threading.Lock()
+
+    def execute(run: int, placement: Placement) -> bool:
+        started = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            log.append((run, placement.attempt, started, time.monotonic()))
+        return not (run == 0 and placement.attempt == 1)
+
+    done, retried = {}, []
+    scheduler = Scheduler(1, retries=2, retry_delay=0.6)
+    scheduler.run([0, 1], execute=execute, on_done=done.__setitem__, on_error=lambda r, e: False,
+                  failed=lambda ok: not ok,
+                  on_retry=lambda run, ok, placement: retried.append((run, placement.attempt)))
+    assert done == {0: True, 1: True} and retried == [(0, 1)]
+    attempts = {(run, attempt): (start, end) for run, attempt, start, end in log}
+    assert sorted(attempts) == [(0, 1), (0, 2), (1, 1)]
+    # Run 1 ran while run 0 waited for its retry, and the retry waited its delay.
+    assert attempts[(1, 1)][1] < attempts[(0, 2)][0]
+    assert attempts[(0, 2)][0] - attempts[(0, 1)][1] >= 0.6
+    assert scheduler.running == 0
+
+
+def test_scheduler_gives_up_after_the_retries():
+    attempts = []
+    done = {}
+    Scheduler(2, retries=2).run(
+        ["bad"], execute=lambda run, placement: attempts.append(placement.attempt) or "failed",
+        on_done=done.__setitem__, on_error=lambda r, e: "error", failed=lambda result: True)
+    assert attempts == [1, 2, 3] and done == {"bad": "failed"}
+
+
+def test_scheduler_pins_concurrent_runs_to_disjoint_cpus(tmp_path):
+    """Runs at once hold disjoint CPU sets, and another flow run's CPUs are waited for:
+    40 runs of 0.05 s on the 2 free CPUs take 1 s, so the other batch ends (at 0.5 s) midway."""
+    held: dict[int, tuple[int, ...]] = {}
+    overlaps, placed, freed = [], [], []
+    lock = threading.Lock()
+
+    def execute(run: int, placement: Placement) -> int:
+        with lock:
+            placed.append((time.monotonic(), placement.cpus))
+            for other in held.values():
+                if set(other) & set(placement.cpus):
+                    overlaps.append((run, placement.cpus, other))
+            held[run] = placement.cpus
+        time.sleep(0.05)
+        with lock:
+            del held[run]
+        return run
+
+    other_flow_run = CpuSets([0, 1, 2, 3], 2, tmp_path)
+    blocked = other_flow_run.take()  # two of the four CPUs are another batch's
+    def other_ends():
+        freed.append(time.monotonic())
+        other_flow_run.close()
+
+    threading.Timer(0.5, other_ends).start()  # ... until it ends
+    cpus = CpuSets([0, 1, 2, 3], 1, tmp_path)
+    scheduler = Scheduler(4, cpus=cpus)
+    done = {}
+    started = time.monotonic()
+    scheduler.run(range(40), execute=execute, on_done=done.__setitem__, on_error=lambda r, e: e)
+    cpus.close()
+    assert sorted(done) == list(range(40)) and not overlaps
+    assert blocked and scheduler.most_at_once <= 4
+    before = [cpus for at, cpus in placed if at < freed[0]]
+    assert before and all(set(c).isdisjoint(blocked) for c in before)
+    assert any(set(c) & set(blocked) for at, c in placed if at > freed[0])
+    assert time.monotonic() - started < 30
