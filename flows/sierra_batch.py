@@ -67,6 +67,7 @@ from pydantic import BaseModel
 from flows.execute import (
     LIVE_RUNS,
     MEMORY_WATCHDOG,
+    TASKSET,
     RunLimits,
     RunRecord,
     end_processes,
@@ -451,8 +452,9 @@ def sierra(
                 _publish(declined_summary(summary, worker))
                 return summary.model_dump(mode="json")
             logger.info("%d runs (%d already done), at most %d at once on %s, %d CPU(s) each "
-                        "(pinned, of CPUs %s)%s%s", len(runs), skipped, resources.cap, worker,
+                        "(%s of CPUs %s)%s%s", len(runs), skipped, resources.cap, worker,
                         min(resources.cores_per_run, len(resources.cpus)),
+                        "pinned" if TASKSET else "NOT pinned: no taskset on this host;",
                         cpu_list(resources.cpus),
                         f", {format_size(resources.memory)} memory each, enforced by "
                         f"{MEMORY_WATCHDOG}" if resources.memory else "",

@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.common import max_at_once
 from flows.sierra_batch import sierra
-from tests.helpers import make_batch
+from tests.helpers import make_batch, max_overlap, timed_command
 
 CPUS = sorted(os.sched_getaffinity(0))
 
@@ -162,3 +162,26 @@ def test_bad_resources_get_one_line_and_nothing_runs(stack, tmp_path, option, va
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not marker.exists()
+
+
+def test_a_run_waits_for_memory_and_the_wait_is_visible(prefect_api, tmp_path, caplog):
+    """Each run reserves its memory: with 60% of what is available per run, only one fits,
+    so the others wait (and say so) instead of starting."""
+    import logging
+
+    import psutil
+
+    from flows.resources import format_size
+
+    per_run = int(psutil.virtual_memory().available * 0.6)
+    times = tmp_path / "times"
+    times.mkdir()
+    batch, scratch = make_batch(tmp_path, [timed_command(times, f"r{i}", 2.5) for i in range(3)])
+    with caplog.at_level(logging.INFO):
+        state = sierra(input_root=str(batch), scratch_root=str(scratch), max_parallel=2,
+                       memory_per_run=str(per_run), return_state=True)
+    assert state.result()["succeeded"] == 3
+    peak, _ = max_overlap(times)
+    assert peak == 1
+    waits = [r.getMessage() for r in caplog.records if "waits for memory" in r.getMessage()]
+    assert waits and f"of the {format_size(per_run)} a run needs" in waits[0], waits
