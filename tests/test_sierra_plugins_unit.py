@@ -626,7 +626,7 @@ def test_execenv_check_accepts_a_memory_size(kind, stack_env):
 @pytest.mark.parametrize("bad", ["2Q", "lots", "0", "-1G"])
 def test_execenv_check_rejects_a_bad_memory_size_in_one_line(bad, stack_env):
     with pytest.raises(RuntimeError) as info:
-        local_plugin.execenv_check(make_cmdopts("local", "--exec-memory-per-run", bad))
+        local_plugin.execenv_check(make_cmdopts("local", f"--exec-memory-per-run={bad}"))
     message = str(info.value)
     assert message.startswith("--execenv=prefectdeploy.local: Prefect deployment "
                               "'sierra/local' cannot run stage 2: sierra-prefect: error: ")
