@@ -11,7 +11,9 @@ Measures, in one run on this machine, side by side (see benchmarks/README.md):
 5. SIERRA stage 2 end to end (prefectdeploy.local vs hpc.local vs prefectserver.local),
    per-batch and per-experiment,
 6. peak memory of the server and the worker,
-7. scale: a 20,000-run batch (API reads, server log, memory growth against 2,000 runs).
+7. scale: a 20,000-run batch (API reads, server log, memory growth against 2,000 runs),
+8. cores: CPU-bound runs of 2 busy processes each, cap by runs (GNU parallel) vs cores per
+   run + pinning.
 
 Writes ``--out`` (default ``BENCHMARKS.md`` at the repository root), the plot at
 ``<out dir>/benchmarks/plot.png`` and the raw results as JSON under
@@ -42,11 +44,11 @@ if TYPE_CHECKING:
 
 FULL = dict(concurrency_n=64, concurrency_seconds=0.5, cap=4, overhead_n=2000,
             sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0,
-            scale_n=20000, scale_timeout=2400.0)
+            scale_n=20000, scale_timeout=2400.0, cores_runs_per_cpu=4, cores_work=1.0)
 SMOKE = dict(concurrency_n=8, concurrency_seconds=0.2, cap=2, overhead_n=20,
              sierra_experiments=2, sierra_runs=2, sierra_duration=0.0, tag_deadline=120.0,
-             scale_n=200, scale_timeout=300.0)
-ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale")
+             scale_n=200, scale_timeout=300.0, cores_runs_per_cpu=2, cores_work=0.1)
+ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale", "cores")
 
 PROJECT = Path(__file__).resolve().parent.parent
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="runs in item 7's big batch (default 20,000; smoke 200)")
     parser.add_argument("--scale-timeout", type=float, default=None, metavar="SECONDS",
                         help="deadline of each of item 7's batches (default 2400; smoke 300)")
+    parser.add_argument("--cores-n", type=int, default=None, metavar="N",
+                        help="runs in item 8's batch (default 4 per usable CPU; smoke 2 per CPU)")
+    parser.add_argument("--cores-work", type=float, default=None, metavar="SECONDS",
+                        help="item 8: work of each busy process, calibrated to take about this "
+                        "long alone on an idle core (default 1.0; smoke 0.1)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="parent of the temp work directory (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -82,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeat must be at least 1")
     if args.scale_n is not None and args.scale_n < 1:
         parser.error("--scale-n must be at least 1")
+    if args.cores_n is not None and args.cores_n < 1:
+        parser.error("--cores-n must be at least 1")
+    if args.cores_work is not None and args.cores_work <= 0:
+        parser.error("--cores-work must be above 0")
     args.only = set(ITEMS if args.only is None else args.only.split(","))
     unknown = args.only - set(ITEMS)
     if unknown:
@@ -171,6 +182,9 @@ def _config(args: argparse.Namespace) -> dict:
         sizes["scale_n"] = args.scale_n
     if args.scale_timeout is not None:
         sizes["scale_timeout"] = args.scale_timeout
+    if args.cores_work is not None:
+        sizes["cores_work"] = args.cores_work
+    sizes["cores_n"] = args.cores_n or sizes["cores_runs_per_cpu"] * len(os.sched_getaffinity(0))
     return {**sizes, "smoke": args.smoke, "repeat": repeat, "items": sorted(args.only),
             "builtin": builtin}
 
@@ -230,7 +244,7 @@ def _bring_up(only: set[str], work: Path, repeat: int, stacks: list[Stack],
 
 def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Callable[[], dict]]]:
     """The measurements after bring-up, in the order a real run takes them."""
-    from benchmarks import concurrency, overhead, scale, sierra_e2e, trigger_latency
+    from benchmarks import concurrency, cores, overhead, scale, sierra_e2e, trigger_latency
 
     c = config
     return [
@@ -242,6 +256,8 @@ def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Call
         ("sierra", lambda: sierra_e2e.measure(
             stack, work, c["repeat"], c["sierra_experiments"], c["sierra_runs"],
             c["sierra_duration"], c["cap"], builtin=c["builtin"])),
+        # Before scale: its 20,000 runs leave the server with a much bigger database.
+        ("cores", lambda: cores.measure(stack, work, c["repeat"], c["cores_n"], c["cores_work"])),
         ("scale", lambda: scale.measure(stack, work, c["scale_n"], c["overhead_n"], c["cap"],
                                         c["scale_timeout"])),
     ]

@@ -43,7 +43,7 @@ def test_smoke_run_writes_every_row_and_the_plot(tmp_path):
     assert len(raw) == 1
     results = json.loads(raw[0].read_text())
     assert results["errors"] == []
-    for item in ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale"):
+    for item in ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale", "cores"):
         assert item in results, f"{item} was not measured"
 
     text = out.read_text()
@@ -61,7 +61,7 @@ def test_smoke_run_writes_every_row_and_the_plot(tmp_path):
         assert f"| {row.item} | {row.metric} |" in line
         # Every row was measured (a skipped baseline may say so, ours may not be n/a).
         assert not line.split(" | ")[2].startswith("n/a"), line
-    assert {r.item for r in rows} == {"1", "2", "3", "4", "5", "6", "7"}
+    assert {r.item for r in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"}
     # Item 7's small batch completed and its server-log and API-read figures were taken.
     scale = results["scale"]["big"]
     assert scale["ok"] and scale["runs_done"] == results["config"]["scale_n"]
