@@ -261,7 +261,10 @@ def _end_stragglers(scratch: Path, runs: list[RunSpec], logger) -> None:
     would race the new attempt for the same outputs. Runs of flow runs that are still
     running (e.g. a sibling of a spread batch) are left alone.
     """
-    found = find_stragglers(str(run_dir(scratch, r)) for r in runs)
+    # Only a run that an earlier flow run started (its directory exists: it has attempt
+    # logs) can have stragglers; a fresh batch skips the scan of every process's environment.
+    started = [str(run_dir(scratch, r)) for r in runs if run_dir(scratch, r).is_dir()]
+    found = find_stragglers(started) if started else {}
     if not found:
         return
     flow_run_ids = {fr for procs in found.values() for _, fr in procs}

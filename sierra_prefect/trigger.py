@@ -189,9 +189,10 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
     from prefect.exceptions import ObjectNotFound
 
     api_url = connection.api_url
-    connection.require_healthy()
-    # Raises one clear line if our credentials are refused.
+    # Raises one clear line if our credentials are refused; no answer: is it up at all?
     server_version = connection.server_version()
+    if server_version is None:
+        connection.require_healthy()
     check_versions(client_version, server_version, api_url=api_url)
     if "/" not in name:
         raise ShimError(f"deployment '{name}' is not FLOW/NAME: use e.g. sierra/local")
@@ -365,8 +366,6 @@ def _status_of(exc: BaseException) -> str | None:
 
 def _trigger(connection: Connection, request: Trigger, console: Console, patience: Patience,
              total: int, done: int) -> Outcome:
-    from prefect.deployments import run_deployment
-
     with connection.client() as client:
         deployment = patience.call(
             f"checking {request.deployment}", check_deployment, client, connection,
@@ -384,10 +383,9 @@ def _trigger(connection: Connection, request: Trigger, console: Console, patienc
         # (timeout, 503) is found again, not repeated.
         key = str(uuid.uuid4())
         flow_run = patience.call(
-            "creating the flow run", run_deployment, request.deployment,
+            "creating the flow run", client.create_flow_run_from_deployment, deployment.id,
             parameters=request.parameters(), job_variables=request.job_variables or None,
-            work_queue_name=request.work_queue, tags=request.tags, idempotency_key=key,
-            timeout=0, as_subflow=False)
+            work_queue_name=request.work_queue, tags=request.tags, idempotency_key=key)
         ui_url = f"{connection.ui_url}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
         console.print(f"batch tag {request.tags[0]} (filter the UI's flow runs by it)",
