@@ -145,6 +145,13 @@ def test_a_run_that_fails_once_succeeds_on_retry_and_the_batch_is_green(prefect_
     assert (run_dir / "attempt-001.stderr").read_text() == "first\n"
     assert (run_dir / "attempt-002.stdout").read_text() == "second\n"
     assert json.loads((run_dir / "done.json").read_text())["attempts"] == 2
+    # The UI's run table shows, per run, its attempts, CPUs and peak memory.
+    from tests.test_flow import _artifacts
+
+    [table] = _artifacts(state.state_details.flow_run_id, "table")
+    rows = {row["run"]: row for row in json.loads(table.data)}
+    assert rows[name]["attempts"] == 2 and rows[name]["attempt"] == 2
+    assert all(row["cpus"] and row["peak memory"] for row in rows.values()), rows
 
 
 @pytest.mark.parametrize(("option", "value", "says"), [
