@@ -52,7 +52,7 @@ class Placement:
 class Scheduler(Generic[Run, Result]):
     """Run ``execute(run, placement)`` for every queued run, in order, within the room.
 
-    ``on_start(run)`` is called when a run's first attempt is admitted, ``on_done(run,
+    ``on_start(run)`` is called when an attempt of a run is admitted, ``on_done(run,
     result)`` when its last attempt ends (``on_error(run, exc)`` builds a result when
     ``execute`` raised), ``on_retry(run, result, placement)`` when an attempt failed
     (``failed(result)``) and another follows, ``on_wait(run, reason)`` when a run has been
@@ -173,8 +173,7 @@ class Scheduler(Generic[Run, Result]):
         result = None
         try:
             try:
-                if placement.attempt == 1:
-                    on_start(run)
+                on_start(run)
                 result = execute(run, placement)
             except Exception as exc:  # the attempt failed to run: report it, go on
                 result = on_error(run, exc)
