@@ -1,8 +1,9 @@
 """Running one experimental run as a subprocess in its own process group.
 
 Each run gets a new session, so a timeout or a cancelled flow run can end the run and
-everything it started (``killpg``), and nothing else. ``LiveRuns`` remembers the groups
-that are still running so the flow can end them all when it is cancelled or crashes.
+everything it started (``killpg``), and nothing else. ``LiveRuns`` (one per flow run)
+remembers the groups that are still running so the flow can end them all when it is
+cancelled or crashes; once it is closed, a run that starts anyway is ended at once.
 
 If the flow-run process itself is killed (SIGKILL, a lost host), nothing in it can clean
 up: the run's leader gets SIGKILL from the kernel when its parent dies (``setpriv
@@ -21,6 +22,7 @@ peak memory is the larger of the watchdog's samples and the kernel's ``ru_maxrss
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.resources import THREAD_ENV, cpu_list, format_size, tree_rss
+from flows.resources import THREAD_ENV, cpu_list, format_size, process_tree, rss, tree_sum
 
 # bash like GNU parallel under SIERRA's hpc.local, so the same commands behave the same.
 SHELL = shutil.which("bash") or "/bin/sh"
@@ -82,7 +84,7 @@ class _Process(subprocess.Popen):
 
     max_rss: int | None = None  # bytes, of the largest process of the tree the kernel saw
 
-    def _try_wait(self, wait_flags):  # subprocess's one reaping call, since Python 3.3
+    def _try_wait(self, wait_flags):  # what wait() reaps with (poll() does not: don't use it)
         try:
             pid, status, usage = os.wait4(self.pid, wait_flags)
         except ChildProcessError:  # reaped elsewhere, as in Popen's own _try_wait
@@ -93,22 +95,28 @@ class _Process(subprocess.Popen):
 
 
 class LiveRuns:
-    """The process groups of runs still running in this flow run."""
+    """The process groups of runs still running in one flow run."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: set[int] = set()
+        self._closed = False
 
-    def add(self, pgid: int) -> None:
+    def add(self, pgid: int) -> bool:
+        """Remember a run's group; False (and nothing remembered) once closed."""
         with self._lock:
-            self._groups.add(pgid)
+            if not self._closed:
+                self._groups.add(pgid)
+            return not self._closed
 
     def discard(self, pgid: int) -> None:
         with self._lock:
             self._groups.discard(pgid)
 
     def terminate_all(self) -> None:
+        """Close, then end every group still running (SIGTERM, grace, SIGKILL)."""
         with self._lock:
+            self._closed = True
             groups = list(self._groups)
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
@@ -117,9 +125,6 @@ class LiveRuns:
             while _group_exists(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             _signal_group(pgid, signal.SIGKILL)
-
-
-LIVE_RUNS = LiveRuns()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -146,19 +151,23 @@ def run_command(
     stderr: Path,
     limits: RunLimits | None = None,
     identity: dict[str, str] | None = None,
+    live: LiveRuns | None = None,
 ) -> RunOutcome:
     """Run ``command`` with output appended to the given files, within ``limits``.
 
     ``identity`` (e.g. ``{RUN_ENV: run_dir, FLOW_RUN_ENV: id}``) goes into the
-    environment of the run and everything it starts.
+    environment of the run and everything it starts; ``live`` is its flow run's LiveRuns.
     """
     limits = limits or RunLimits()
+    live = live or LiveRuns()
     started = time.monotonic()
     argv = [SHELL, "-c", command]
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    if limits.cpus and TASKSET:
-        argv = [TASKSET, "--cpu-list", cpu_list(limits.cpus), *argv]
+    if limits.cpus:
+        # The run's CPU count, even unpinned (no taskset): its libraries' threads follow it.
         env.update(dict.fromkeys(THREAD_ENV, str(len(limits.cpus))))
+        if TASKSET:
+            argv = [TASKSET, "--cpu-list", cpu_list(limits.cpus), *argv]
     if SETPRIV:
         argv = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
     env.update(identity or {})
@@ -173,11 +182,12 @@ def run_command(
             start_new_session=True,
         )
     # With start_new_session the child is the leader of a group whose id is its pid.
-    LIVE_RUNS.add(proc.pid)
+    if not live.add(proc.pid):  # the flow run is ending: this run must not outlive it
+        _signal_group(proc.pid, signal.SIGKILL)
     try:
         code, ended_by, sampled = _wait_within(proc, limits, started)
     finally:
-        LIVE_RUNS.discard(proc.pid)
+        live.discard(proc.pid)
     peak = max(sampled, proc.max_rss or 0) or None
     if ended_by == "memory":
         with open(stderr, "a") as err:
@@ -203,14 +213,18 @@ def _wait_within(proc: _Process, limits: RunLimits,
         except subprocess.TimeoutExpired:
             pass
         if limits.memory:
-            rss = tree_rss(proc.pid)
-            peak = max(peak, rss)
+            tree = process_tree(proc.pid)
+            used = tree_sum(tree, rss)
+            peak = max(peak, used)
             if limits.on_memory:
-                limits.on_memory(rss)
-            if rss > limits.memory:
+                limits.on_memory(used)
+            if used > limits.memory:
                 # No grace: a run past its memory puts the host at risk, as the OOM killer
-                # (or SLURM's) would see it.
+                # (or SLURM's) would see it. Its group, and what left the group (setsid).
                 _signal_group(proc.pid, signal.SIGKILL)
+                for member in tree[1:]:
+                    with contextlib.suppress(Exception):
+                        member.kill()
                 proc.wait()
                 return None, "memory", peak
         if deadline is not None and time.monotonic() >= deadline:
@@ -313,7 +327,7 @@ class RunRecord:
 
 
 def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_id: str,
-                attempts: int = 1) -> RunRecord:
+                attempts: int = 1, live: LiveRuns | None = None) -> RunRecord:
     """One attempt of ``run``: new attempt logs, the command in its own process group,
     the success marker (atomically) if it exited 0. ``attempts`` counts this one."""
     from datetime import UTC, datetime
@@ -329,7 +343,7 @@ def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_i
                          str(directory), str(directory), error=f"cannot create its logs: {exc}",
                          attempts=attempts, cpus=cpus)
     identity = {RUN_ENV: str(directory), FLOW_RUN_ENV: flow_run_id}
-    outcome = run_command(run.command, workdir, stdout, stderr, limits, identity)
+    outcome = run_command(run.command, workdir, stdout, stderr, limits, identity, live)
     record = RunRecord(run.index, run.name, run.run_id, run.command, outcome.exit_code,
                        outcome.timed_out, round(outcome.seconds, 3), attempt_number(stdout),
                        str(stdout), str(stderr), attempts=attempts, cpus=cpus,

@@ -11,7 +11,8 @@
 - ``MemoryGate`` answers "may a run needing SIZE start now?": the host's available memory,
   less what the runs already admitted may still grow into (each reserves SIZE, like a
   SLURM allocation), must cover SIZE.
-- ``tree_rss`` is the watchdog's measure of a run: the resident memory of its process tree.
+- ``process_tree``/``tree_sum`` are how the watchdog (and the benchmarks) measure a run:
+  the resident memory of its process tree.
 
 No Prefect here.
 """
@@ -19,8 +20,10 @@ No Prefect here.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,13 +34,17 @@ from pathlib import Path
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# A number and a unit (K, M, G or T, optionally followed by B or iB): "2G", "1.5g", "2GiB".
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
+# Below this a size is surely a slip (e.g. "2K" for "2G"): no run fits in it.
+_LEAST_SIZE = 1024**2
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes in a size like ``2G``, ``512M``, ``1.5G``, ``2GiB`` or a plain byte count.
+def parse_size(text: str) -> int:
+    """Bytes in a size like ``2G``, ``512M``, ``1.5G`` or ``2GiB`` (powers of 1024).
 
+    A unit is required: a bare number means bytes to some tools and megabytes to SLURM.
     Raises ValueError with a one-line message naming the value and the fix.
     """
     found = _SIZE.match(str(text))
@@ -45,9 +52,33 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"'{text}' is not a memory size: write a number with K, M, G or T, e.g. 2G")
     number, unit = found.groups()
     size = int(float(number) * _UNITS[unit.upper()])
-    if size < 1:
-        raise ValueError(f"'{text}' is no memory at all: give a size above 0, e.g. 512M")
+    if size < _LEAST_SIZE:
+        raise ValueError(f"'{text}' is less than 1M, too little for any run: did you mean "
+                         f"{number}G? (e.g. 2G)")
     return size
+
+
+def check_resources(cores_per_run: int | None = None, memory_per_run: str | None = None,
+                    retries: int | None = None, retry_delay: float | None = None,
+                    spell=lambda name: name) -> int | None:
+    """Refuse per-run resources no flow can use, with one line (ValueError) naming the value
+    as ``spell(name)`` writes it (the shim: ``--cores-per-run``; the flow: ``cores_per_run``);
+    the memory in bytes, or None. The one check the shim and the flow share."""
+    if cores_per_run is not None and cores_per_run < 1:
+        raise ValueError(f"{spell('cores_per_run')} {cores_per_run} is below 1: "
+                         "pass the CPUs one run needs")
+    if retries is not None and retries < 0:
+        raise ValueError(f"{spell('retries')} {retries} is below 0: pass how many times "
+                         "to re-run a failed run")
+    if retry_delay is not None and not 0 <= retry_delay < math.inf:
+        raise ValueError(f"{spell('retry_delay')} {retry_delay} is not a number of seconds "
+                         ">= 0: pass e.g. 10")
+    if memory_per_run in (None, ""):
+        return None
+    try:
+        return parse_size(memory_per_run)
+    except ValueError as exc:
+        raise ValueError(f"{spell('memory_per_run')} {exc}") from None
 
 
 def format_size(size: float) -> str:
@@ -82,6 +113,10 @@ def runs_at_once(max_parallel: int | None, cores_per_run: int, cpus: int) -> int
 class CpuSets:
     """Disjoint sets of ``per_run`` CPUs out of ``cpus``, shared with the other flow runs
     that use the same ``directory``. Not thread-safe: the scheduler calls it under its lock.
+
+    Whoever collects a set holds the directory's turn lock until the set is complete and
+    keeps the CPUs it found meanwhile: a batch needing 4 CPUs gets them as they free up,
+    instead of losing every race to a batch that needs 1.
     """
 
     def __init__(self, cpus: list[int], per_run: int, directory: Path) -> None:
@@ -90,27 +125,31 @@ class CpuSets:
         self.cpus = sorted(cpus)
         # More cores than the host has: one run at a time, on all of them.
         self.per_run = min(per_run, len(self.cpus))
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._files = {cpu: os.open(directory / f"cpu{cpu}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        private_dir(directory)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+        self._turn = os.open(directory / "turn.lock", flags, 0o600)
+        self._files = {cpu: os.open(directory / f"cpu{cpu}.lock", flags, 0o600)
                        for cpu in self.cpus}
-        self._mine: set[int] = set()
+        self._mine: set[int] = set()  # CPUs this instance holds (runs' and the partial set)
+        self._partial: list[int] = []  # collected for the next set, while holding the turn
 
     def take(self) -> tuple[int, ...] | None:
-        """``per_run`` free CPUs, now owned; None (and nothing taken) if there are not enough."""
-        taken: list[int] = []
+        """``per_run`` CPUs, now owned; None if they are not all free yet."""
+        if not self._partial and not _try_flock(self._turn):
+            return None  # another flow run is collecting its set
         for cpu in self.cpus:
-            if cpu in self._mine:
-                continue
-            try:
-                fcntl.flock(self._files[cpu], fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another flow run's
-                continue
-            taken.append(cpu)
-            self._mine.add(cpu)
-            if len(taken) == self.per_run:
-                return tuple(taken)
-        self.give(taken)
-        return None
+            if len(self._partial) == self.per_run:
+                break
+            if cpu not in self._mine and _try_flock(self._files[cpu]):
+                self._partial.append(cpu)
+                self._mine.add(cpu)
+        if len(self._partial) < self.per_run:
+            if not self._partial:  # nothing kept: let the others collect meanwhile
+                fcntl.flock(self._turn, fcntl.LOCK_UN)
+            return None
+        taken, self._partial = tuple(self._partial), []
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
+        return taken
 
     def give(self, cpus: Iterable[int]) -> None:
         for cpu in cpus:
@@ -118,10 +157,34 @@ class CpuSets:
             self._mine.discard(cpu)
 
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)  # also releases its lock
+        """Release everything (closing a descriptor drops its lock); safe to call twice."""
+        fds = [*self._files.values(), *([self._turn] if self._turn >= 0 else [])]
         self._files.clear()
+        self._turn = -1
+        for fd in fds:
+            os.close(fd)
         self._mine.clear()
+        self._partial = []
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def private_dir(directory: Path) -> Path:
+    """``directory``, created 0700 if missing, refused (one line) unless it is a real
+    directory of ours that nobody else can write: in a shared /tmp another user could
+    otherwise hold our CPU locks or point them elsewhere."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise ValueError(f"{directory} is not a private directory of uid {os.getuid()} "
+                         "(another user's, a symlink or writable by others): remove it")
+    return directory
 
 
 class MemoryGate:
@@ -156,19 +219,29 @@ class MemoryGate:
             self._usage.pop(key, None)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (0 once it is gone)."""
+def process_tree(pid: int) -> list:
+    """``pid`` and all its descendants (psutil processes; [] once it is gone)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return []
+
+
+def tree_sum(procs: Iterable, measure) -> int:
+    """``measure(proc)`` summed over processes; those that ended meanwhile count 0."""
+    import psutil
+
     total = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            total += measure(proc)
         except psutil.Error:
             pass
     return total
+
+
+def rss(proc) -> int:
+    return proc.memory_info().rss

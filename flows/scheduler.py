@@ -52,11 +52,12 @@ class Placement:
 class Scheduler(Generic[Run, Result]):
     """Run ``execute(run, placement)`` for every queued run, in order, within the room.
 
-    ``on_start(run)`` is called when an attempt of a run is admitted, ``on_done(run,
+    ``on_start(run, placement)`` is called when an attempt of a run is admitted, ``on_done(run,
     result)`` when its last attempt ends (``on_error(run, exc)`` builds a result when
     ``execute`` raised), ``on_retry(run, result, placement)`` when an attempt failed
     (``failed(result)``) and another follows, ``on_wait(run, reason)`` when a run has been
     held back for ``REPORT_WAIT_SECONDS``. No slot stays idle while a run waits.
+    ``stop()`` (e.g. from a SIGTERM handler) admits nothing more and retries nothing.
     """
 
     def __init__(self, cap: int, cpus: CpuSets | None = None, memory: MemoryGate | None = None,
@@ -76,9 +77,15 @@ class Scheduler(Generic[Run, Result]):
         self._held: dict[int, tuple[int, ...] | None] = {}  # id(run) -> its CPUs
         self._pending: deque = deque()
         self._retrying = 0
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """No more admissions or retries; running attempts end as their runs end."""
+        self._stopping.set()
 
     def has_room(self, run: Run) -> bool:
-        """Whether ``run`` may start now. Called with the lock held."""
+        """Whether ``run`` may start now. Called with the lock held; when CPUs are pinned,
+        the CPUs it found are already taken for ``admit`` to hand over."""
         if self.running >= self.cap:
             return False
         if self.memory is not None:
@@ -121,7 +128,7 @@ class Scheduler(Generic[Run, Result]):
         execute: Callable[[Run, Placement], Result],
         on_done: Callable[[Run, Result], None],
         on_error: Callable[[Run, BaseException], Result],
-        on_start: Callable[[Run], None] = lambda run: None,
+        on_start: Callable[[Run, Placement], None] = lambda run, placement: None,
         failed: Callable[[Result], bool] = lambda result: False,
         on_retry: Callable[[Run, Result, Placement], None] = lambda run, result, placement: None,
         on_wait: Callable[[Run, str], None] = lambda run, reason: None,
@@ -145,8 +152,8 @@ class Scheduler(Generic[Run, Result]):
     def _next_admission(self, on_wait) -> tuple[Run, Placement] | None:
         """Wait for room for the head of the queue and admit it; None when all is done."""
         with self._room:
-            held_since = None
-            while True:
+            held_since, reported = None, False
+            while not self._stopping.is_set():
                 if not self._pending:
                     # Done unless a retry waits or a running attempt may still fail into one.
                     if not self._retrying and (self.running == 0 or not self.retries):
@@ -160,35 +167,39 @@ class Scheduler(Generic[Run, Result]):
                     placement = self.admit(head)
                     self.most_at_once = max(self.most_at_once, self.running)
                     return head, placement
-                if self.waiting_reason:  # held back by room that frees up elsewhere
-                    held_since = held_since or time.monotonic()
-                    if held_since != -1 and time.monotonic() - held_since >= REPORT_WAIT_SECONDS:
-                        on_wait(head, self.waiting_reason)
-                        held_since = -1  # reported, once per head
-                    self._room.wait(RECHECK_SECONDS)
-                else:
+                if not self.waiting_reason:  # only a slot here frees it: our runs' end wakes us
                     self._room.wait()
+                    continue
+                held_since = held_since or time.monotonic()
+                if not reported and time.monotonic() - held_since >= REPORT_WAIT_SECONDS:
+                    on_wait(head, self.waiting_reason)
+                    reported = True
+                self._room.wait(RECHECK_SECONDS)  # room that frees up elsewhere
+            return None
 
     def _one(self, run, placement, execute, on_start, on_done, on_error, failed, on_retry) -> None:
         result = None
         try:
-            try:
-                on_start(run)
-                result = execute(run, placement)
-            except Exception as exc:  # the attempt failed to run: report it, go on
-                result = on_error(run, exc)
+            on_start(run, placement)
+            result = execute(run, placement)
+        except Exception as exc:  # the attempt failed to run: report it, go on
+            result = on_error(run, exc)
         finally:
-            again = failed(result) and placement.attempt <= self.retries
             with self._room:
                 self.release(run)
                 # Counted before the loop can see an empty queue, so it waits for the retry.
+                # (No result: on_error raised, and that propagates from here.)
+                again = (result is not None and placement.attempt <= self.retries
+                         and not self._stopping.is_set() and failed(result))
                 self._retrying += again
                 self._room.notify_all()
         if again:
-            on_retry(run, result, placement)
-            timer = threading.Timer(self.retry_delay, self._requeue, (run,))
-            timer.daemon = True
-            timer.start()
+            try:
+                on_retry(run, result, placement)
+            finally:
+                timer = threading.Timer(self.retry_delay, self._requeue, (run,))
+                timer.daemon = True
+                timer.start()
         else:
             on_done(run, result)
 
@@ -196,5 +207,6 @@ class Scheduler(Generic[Run, Result]):
         """A retry goes back to the head of the queue; it held nothing while it waited."""
         with self._room:
             self._retrying -= 1
-            self._pending.appendleft(run)
+            if not self._stopping.is_set():
+                self._pending.appendleft(run)
             self._room.notify_all()

@@ -65,9 +65,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from flows.execute import (
-    LIVE_RUNS,
     MEMORY_WATCHDOG,
     TASKSET,
+    LiveRuns,
     RunLimits,
     RunRecord,
     end_processes,
@@ -89,9 +89,10 @@ from flows.plan import (
 from flows.resources import (
     CpuSets,
     MemoryGate,
+    check_resources,
     cpu_list,
     format_size,
-    parse_size,
+    private_dir,
     runs_at_once,
     usable_cpus,
 )
@@ -113,16 +114,23 @@ class RunResources(BaseModel):
     retry_delay: float
     timeout: float | None
 
+    @property
+    def pinned(self) -> bool:
+        return TASKSET is not None
+
     @classmethod
     def on_this_host(cls, max_parallel, cores_per_run, memory_per_run, retries, retry_delay,
                      run_timeout, logger) -> RunResources:
         """Validate the flow's parameters (ValueError with one line) and size the slots."""
-        for name, value, least in (("max_parallel", max_parallel, 1),
-                                   ("cores_per_run", cores_per_run, 1), ("retries", retries, 0),
-                                   ("retry_delay", retry_delay, 0)):
-            if value is not None and value < least:
-                raise ValueError(f"{name} must be at least {least}, not {value}")
-        memory = parse_size(memory_per_run) if memory_per_run not in (None, "") else None
+        import psutil
+
+        if max_parallel is not None and max_parallel < 1:
+            raise ValueError(f"max_parallel {max_parallel} is below 1: pass 1 or more")
+        memory = check_resources(cores_per_run, memory_per_run, retries, retry_delay)
+        total = psutil.virtual_memory().total
+        if memory and memory > total:
+            raise ValueError(f"memory_per_run {memory_per_run} is more than this host's "
+                             f"{format_size(total)}: no run could ever start; pass less")
         cpus = usable_cpus()
         cap = runs_at_once(max_parallel, cores_per_run, len(cpus))
         if cores_per_run > len(cpus):
@@ -140,17 +148,20 @@ class RunResources(BaseModel):
 
 def cpu_lock_dir() -> Path:
     """Where the CPU locks of this stack's flow runs on this host live: its Prefect home
-    (every flow run a stack's worker starts shares it), else a per-user temp directory."""
+    (every flow run a stack's worker starts shares it), else the user's runtime directory,
+    else a per-user temp directory. Each must be private (flows/resources.py:private_dir)."""
     import tempfile
 
     from prefect.settings import get_current_settings
 
     home = Path(get_current_settings().home).expanduser() / "sierra-prefect-cpus"
     try:
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return home
+        return private_dir(home)
     except OSError:  # e.g. a container user without a writable home
-        return Path(tempfile.gettempdir()) / f"sierra-prefect-cpus-{os.getuid()}"
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        fallback = (Path(runtime) / "sierra-prefect-cpus" if runtime
+                    else Path(tempfile.gettempdir()) / f"sierra-prefect-cpus-{os.getuid()}")
+        return private_dir(fallback)
 
 
 class _Experiments:
@@ -211,8 +222,9 @@ def experiment_runs(experiment: str, runs: int, batch: str) -> dict:
 
 
 @contextmanager
-def _runs_end_with_the_flow() -> Iterator[None]:
-    """On cancel (SIGTERM from the worker) or any exit, end the runs still going.
+def _runs_end_with_the_flow(live: LiveRuns, scheduler: Scheduler) -> Iterator[None]:
+    """On cancel (SIGTERM from the worker) or any exit, admit nothing more and end the runs
+    still going.
 
     Runs live in their own sessions, so without this they would outlive a cancelled
     flow run.
@@ -221,7 +233,8 @@ def _runs_end_with_the_flow() -> Iterator[None]:
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         def on_sigterm(signum, frame):
-            LIVE_RUNS.terminate_all()
+            scheduler.stop()
+            live.terminate_all()
             if callable(previous):
                 previous(signum, frame)
             else:
@@ -232,7 +245,8 @@ def _runs_end_with_the_flow() -> Iterator[None]:
     try:
         yield
     finally:
-        LIVE_RUNS.terminate_all()
+        scheduler.stop()
+        live.terminate_all()
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -331,11 +345,13 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
     _BATCHES[flow_run_id] = (experiments, tracker)
     memory = MemoryGate(resources.memory) if resources.memory else None
     retried: dict[str, int] = {}
+    live = LiveRuns()
 
     def execute(run: RunSpec, placement: Placement) -> RunRecord:
         limits = RunLimits(resources.timeout, placement.cpus, resources.memory,
                            on_memory=(lambda rss: memory.seen(id(run), rss)) if memory else None)
-        return execute_run(run, scratch, Path(workdir), limits, flow_run_id, placement.attempt)
+        return execute_run(run, scratch, Path(workdir), limits, flow_run_id, placement.attempt,
+                           live)
 
     def done(run: RunSpec, record: RunRecord) -> None:
         if record.ok and record.attempts > 1:
@@ -354,15 +370,15 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
         tracker.waiting(reason)
 
     cpus = resources.cpu_sets()
+    scheduler = Scheduler(resources.cap, cpus, memory, resources.retries, resources.retry_delay)
     try:
         with ThreadPoolTaskRunner(max_workers=max(1, len(experiments.left))) as runner:
             tasks = [runner.submit(experiment_runs, parameters={
                         "experiment": name, "runs": count, "batch": flow_run_id})
                      for name, count in experiments.left.items()]
             try:
-                with _runs_end_with_the_flow():
-                    Scheduler(resources.cap, cpus, memory, resources.retries,
-                              resources.retry_delay).run(
+                with _runs_end_with_the_flow(live, scheduler):
+                    scheduler.run(
                         todo, execute=execute, on_start=tracker.started, on_done=done,
                         on_error=lambda run, exc: _crashed_record(run, scratch, exc),
                         failed=lambda record: not record.ok, on_retry=retry, on_wait=wait,
@@ -425,7 +441,7 @@ def sierra(
         input_root=str(inp), scratch_root=str(scratch), total=len(runs), succeeded=0,
         failed=0, skipped=skipped, max_parallel=resources.cap,
         cores_per_run=resources.cores_per_run, memory_per_run=resources.memory,
-        retries=resources.retries,
+        retries=resources.retries, pinned=resources.pinned,
     )
     worker = worker_name()
     if spread and spread > 1 and only_runs is None:

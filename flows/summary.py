@@ -62,6 +62,7 @@ class BatchSummary(BaseModel):
     skipped: int
     max_parallel: int  # runs at once, after cores per run
     cores_per_run: int = 1
+    pinned: bool = True  # each run on CPUs of its own (False: no taskset on the worker)
     memory_per_run: int | None = None  # bytes
     retries: int = 0
     # Runs that succeeded only after a retry, with the attempts each took.
@@ -81,15 +82,18 @@ class BatchSummary(BaseModel):
             f"{self.skipped} skipped (already done)"
         )
 
+    def _resources(self) -> str:
+        pinning = "pinned" if self.pinned else "not pinned: no taskset"
+        memory = f", {format_size(self.memory_per_run)} memory each" if self.memory_per_run else ""
+        return f"{self.cores_per_run} CPU(s) each ({pinning}){memory}, up to {self.retries} retries"
+
     def to_markdown(self) -> str:
         lines = [
             "# SIERRA batch summary",
             "",
             f"- input root: `{self.input_root}`",
             f"- scratch root: `{self.scratch_root}`",
-            f"- cap: {self.max_parallel} runs at once, {self.cores_per_run} CPU(s) each "
-            f"(pinned)" + (f", {format_size(self.memory_per_run)} memory each" if self.memory_per_run
-                           else "") + f", up to {self.retries} retries",
+            f"- cap: {self.max_parallel} runs at once, {self._resources()}",
             "",
             "| total | succeeded | failed | skipped |",
             "|---|---|---|---|",

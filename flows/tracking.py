@@ -32,7 +32,7 @@ from uuid import UUID
 
 from flows.execute import RunRecord
 from flows.plan import RunSpec
-from flows.resources import format_size
+from flows.resources import cpu_list, format_size
 from flows.summary import progress_text
 
 FLUSH_SECONDS = 1.0
@@ -100,10 +100,15 @@ class Tracker:
         with self._lock:
             self._task_runs[experiment] = task_run_id
 
-    def started(self, run: RunSpec) -> None:
+    def started(self, run: RunSpec, placement) -> None:
+        """An attempt of ``run`` starts with ``placement`` (flows/scheduler.py:Placement)."""
         with self._lock:
             page = self._page_of[run.index]
-            page.rows[run.index] = {"run": run.name, "state": "RUNNING"}
+            page.rows[run.index] = {
+                "run": run.name, "state": "RUNNING", "exit code": None, "reason": None,
+                "seconds": None, "attempts": placement.attempt, "attempt": None,
+                "cpus": cpu_list(placement.cpus) if placement.cpus else "", "peak memory": None,
+                "stdout": None, "stderr": None}
             page.dirty = True
             if self._waiting:
                 self._waiting, self._progress_dirty = None, True

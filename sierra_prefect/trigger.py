@@ -28,6 +28,8 @@ from uuid import UUID
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flows import resources
+
 # Prefect itself (and the flow module, which imports it) is imported only once the
 # inputs are known to be good: bad input fails fast.
 from flows.plan import (
@@ -39,7 +41,6 @@ from flows.plan import (
     prepare_scratch,
     read_commands,
 )
-from flows.resources import parse_size
 from flows.summary import BatchSummary, parse_progress, read_summary
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
@@ -166,18 +167,13 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
 
 def check_resources(cores_per_run: int | None = None, memory_per_run: str | None = None,
                     retries: int | None = None, retry_delay: float | None = None) -> None:
-    """One-line errors for per-run resources the flow would refuse."""
-    if cores_per_run is not None and cores_per_run < 1:
-        raise ShimError(f"--cores-per-run {cores_per_run} is below 1: pass the CPUs one run needs")
-    if memory_per_run is not None:
-        try:
-            parse_size(memory_per_run)
-        except ValueError as exc:
-            raise ShimError(f"--memory-per-run {exc}") from exc
-    if retries is not None and retries < 0:
-        raise ShimError(f"--retries {retries} is below 0: pass how many times to re-run a failed run")
-    if retry_delay is not None and retry_delay < 0:
-        raise ShimError(f"--retry-delay {retry_delay} is below 0: pass seconds >= 0")
+    """One-line errors for per-run resources the flow would refuse (the flow's own check,
+    flows/resources.py, with the options spelled as the CLI's)."""
+    try:
+        resources.check_resources(cores_per_run, memory_per_run, retries, retry_delay,
+                                  spell=lambda name: "--" + name.replace("_", "-"))
+    except ValueError as exc:
+        raise ShimError(str(exc)) from None
 
 
 def check_deployment(client, connection: Connection, name: str, work_pool: str | None = None,

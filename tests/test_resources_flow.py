@@ -158,7 +158,9 @@ def test_a_run_that_fails_once_succeeds_on_retry_and_the_batch_is_green(prefect_
     ("--cores-per-run", "0", "--cores-per-run 0 is below 1"),
     ("--memory-per-run", "2Q", "--memory-per-run '2Q' is not a memory size"),
     ("--retries", "-1", "--retries -1 is below 0"),
-    ("--retry-delay", "-2", "--retry-delay -2.0 is below 0"),
+    ("--retry-delay", "-2", "--retry-delay -2.0 is not a number of seconds >= 0"),
+    ("--retry-delay", "inf", "--retry-delay inf is not a number of seconds >= 0"),
+    ("--memory-per-run", "100", "--memory-per-run '100' is not a memory size"),
 ])
 def test_bad_resources_get_one_line_and_nothing_runs(stack, tmp_path, option, value, says):
     marker = tmp_path / "ran"
@@ -171,6 +173,7 @@ def test_bad_resources_get_one_line_and_nothing_runs(stack, tmp_path, option, va
     assert not marker.exists()
 
 
+@pytest.mark.timeout(180)  # a machine whose free memory shrinks meanwhile would wait on
 def test_a_run_waits_for_memory_and_the_wait_is_visible(prefect_api, tmp_path, caplog):
     """Each run reserves its memory: with 60% of what is available per run, only one fits,
     so the others wait (and say so) instead of starting."""
@@ -180,15 +183,46 @@ def test_a_run_waits_for_memory_and_the_wait_is_visible(prefect_api, tmp_path, c
 
     from flows.resources import format_size
 
-    per_run = int(psutil.virtual_memory().available * 0.6)
+    per_run = int(psutil.virtual_memory().available * 0.6) // 1024 * 1024
     times = tmp_path / "times"
     times.mkdir()
     batch, scratch = make_batch(tmp_path, [timed_command(times, f"r{i}", 2.5) for i in range(3)])
     with caplog.at_level(logging.INFO):
         state = sierra(input_root=str(batch), scratch_root=str(scratch), max_parallel=2,
-                       memory_per_run=str(per_run), return_state=True)
+                       memory_per_run=f"{per_run // 1024}K", return_state=True)
     assert state.result()["succeeded"] == 3
     peak, _ = max_overlap(times)
     assert peak == 1
     waits = [r.getMessage() for r in caplog.records if "waits for memory" in r.getMessage()]
     assert waits and f"of the {format_size(per_run)} a run needs" in waits[0], waits
+
+
+def test_a_timed_out_run_is_retried_and_each_attempt_keeps_its_logs(prefect_api, tmp_path):
+    batch, scratch = make_batch(tmp_path, ["echo started; sleep 30"])
+    state = sierra(input_root=str(batch), scratch_root=str(scratch), run_timeout=0.5, retries=1,
+                   return_state=True)
+    summary = state.result(raise_on_failure=False)
+    [failed] = summary["failed_runs"]
+    assert failed["timed_out"] and failed["reason"] == "timed out" and failed["attempts"] == 2
+    logs = sorted(Path(failed["stdout"]).parent.glob("attempt-*.stdout"))
+    assert [p.read_text() for p in logs] == ["started\n", "started\n"]
+
+
+def test_thread_variables_follow_the_cores_unless_the_command_sets_them(prefect_api, tmp_path):
+    show = "python3 -c \"import os; print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])\""
+    batch, scratch = make_batch(tmp_path, [show, f"OMP_NUM_THREADS=7 {show}"])
+    state = sierra(input_root=str(batch), scratch_root=str(scratch), cores_per_run=2,
+                   return_state=True)
+    assert state.is_completed()
+    outputs = sorted(p.read_text() for p in scratch.rglob("attempt-001.stdout"))
+    cores = str(min(2, len(CPUS)))
+    assert outputs == sorted([f"{cores} {cores}\n", f"7 {cores}\n"])
+
+
+def test_memory_per_run_beyond_the_host_is_refused_before_any_run(prefect_api, tmp_path):
+    marker = tmp_path / "ran"
+    batch, scratch = make_batch(tmp_path, [f"touch {marker}"])
+    state = sierra(input_root=str(batch), scratch_root=str(scratch), memory_per_run="64T",
+                   return_state=True)
+    assert state.is_failed() and "is more than this host's" in state.message
+    assert not marker.exists()

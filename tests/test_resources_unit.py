@@ -8,19 +8,28 @@ import time
 
 import pytest
 
-from flows.resources import CpuSets, cpu_list, format_size, parse_size, runs_at_once
+from flows.resources import (
+    CpuSets,
+    check_resources,
+    cpu_list,
+    format_size,
+    parse_size,
+    private_dir,
+    runs_at_once,
+)
 from flows.scheduler import Placement, Scheduler
 
 
 @pytest.mark.parametrize(("text", "size"), [
     ("2G", 2 * 1024**3), ("512M", 512 * 1024**2), ("1.5g", 1536 * 1024**2), ("2GiB", 2 * 1024**3),
-    ("100", 100), ("64K", 65536), ("1T", 1024**4),
+    ("2048K", 2 * 1024**2), ("1T", 1024**4), (" 3 GB ", 3 * 1024**3),
 ])
 def test_parse_size_reads_what_people_write(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["2Q", "", "G", "-1G", "two gigs", "0", "1.5.2G"])
+@pytest.mark.parametrize("text", ["2Q", "", "G", "-1G", "two gigs", "0", "1.5.2G", "100", "2B",
+                                  "2iB", "64K", "\uff12G", "0.0001G"])
 def test_parse_size_refuses_anything_else_with_one_line(text):
     with pytest.raises(ValueError) as caught:
         parse_size(text)
@@ -140,3 +149,84 @@ def test_scheduler_pins_concurrent_runs_to_disjoint_cpus(tmp_path):
     assert before and all(set(c).isdisjoint(blocked) for c in before)
     assert any(set(c) & set(blocked) for at, c in placed if at > freed[0])
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    (dict(cores_per_run=0), "--cores-per-run 0 is below 1"),
+    (dict(retries=-1), "--retries -1 is below 0"),
+    (dict(retry_delay=float("inf")), "--retry-delay inf is not a number of seconds"),
+    (dict(retry_delay=float("nan")), "--retry-delay nan is not a number of seconds"),
+    (dict(retry_delay=-1.0), "--retry-delay -1.0 is not a number of seconds"),
+    (dict(memory_per_run="2Q"), "--memory-per-run '2Q' is not a memory size"),
+])
+def test_check_resources_says_which_value_and_how_to_fix_it(values, says):
+    with pytest.raises(ValueError) as caught:
+        check_resources(**values, spell=lambda name: "--" + name.replace("_", "-"))
+    assert str(caught.value).startswith(says) and ": pass" in str(caught.value) or "e.g." in str(
+        caught.value)
+    assert check_resources(2, "1G", 0, 0.0) == 1024**3
+
+
+def test_a_run_needing_every_cpu_gets_its_turn_against_a_batch_of_one_core_runs(tmp_path):
+    """Without the turn lock the 1-core batch, taking CPUs as they free up, would win every
+    race and the 2-core run would wait for the whole batch."""
+    small, big = CpuSets([0, 1], 1, tmp_path), CpuSets([0, 1], 2, tmp_path)
+    try:
+        first, second = small.take(), small.take()
+        assert first and second
+        assert big.take() is None  # all busy; big now holds the turn...
+        small.give(first)
+        assert big.take() is None  # ...and keeps the CPU that freed up
+        assert small.take() is None  # which the small batch cannot take back meanwhile
+        small.give(second)
+        assert big.take() == (0, 1)
+        assert small.take() is None
+    finally:
+        small.close()
+        big.close()
+
+
+def test_lock_directory_of_someone_else_or_writable_by_others_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="is not a private directory"):
+        CpuSets([0], 1, shared)
+    link = tmp_path / "link"
+    link.symlink_to(private_dir(tmp_path / "mine"))
+    with pytest.raises(ValueError, match="a symlink"):
+        private_dir(link)
+    assert oct((tmp_path / "mine").stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_hook_that_raises_neither_hangs_nor_leaks_the_slot():
+    def on_error(run, exc):
+        raise RuntimeError("the report itself failed")
+
+    scheduler = Scheduler(1, retries=1)
+    done = []
+    finished = threading.Event()
+
+    def go():
+        scheduler.run([0, 1], execute=lambda run, placement: 1 / 0,
+                      on_done=lambda run, result: done.append(run), on_error=on_error,
+                      failed=lambda result: True)
+        finished.set()
+
+    threading.Thread(target=go, daemon=True).start()
+    assert finished.wait(10), "the scheduler hung"
+    assert scheduler.running == 0 and done == []
+
+
+def test_stop_admits_nothing_more_and_retries_nothing():
+    scheduler = Scheduler(1, retries=5, retry_delay=0.05)
+    attempts = []
+
+    def execute(run, placement):
+        attempts.append((run, placement.attempt))
+        scheduler.stop()  # e.g. SIGTERM while the first attempt runs
+        return "failed"
+
+    scheduler.run([0, 1, 2], execute=execute, on_done=lambda run, result: None,
+                  on_error=lambda run, exc: exc, failed=lambda result: True)
+    assert attempts == [(0, 1)]
