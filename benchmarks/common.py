@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from flows.resources import process_tree, tree_sum
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "sierra-prefect")
@@ -249,22 +251,12 @@ def span(intervals: list[tuple[float, float]]) -> float:
 
 
 def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
+    return process_tree(pid)
 
 
 def _tree_sum(pid: int, measure) -> int:
     """``measure(proc)`` summed over a process tree; processes that ended meanwhile count 0."""
-    total = 0
-    for proc in tree(pid):
-        try:
-            total += measure(proc)
-        except psutil.Error:
-            pass
-    return total
+    return tree_sum(process_tree(pid), measure)
 
 
 def tree_rss(pid: int) -> int:
