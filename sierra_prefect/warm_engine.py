@@ -113,7 +113,8 @@ class ProtocolError(Exception):
 
 
 class Kind:
-    """The types of frame. (Plain ints, not an enum: every class costs the client's start.)"""
+    """The types of frame. (Plain ints, not an enum: the client starts for every flow run
+    and pays for every class it builds.)"""
 
     REQUEST = 1   # client -> engine, first: JSON (module, argv, env, cwd, umask, code) + stdio
     SIGNAL = 2    # client -> engine: a signal number for the child

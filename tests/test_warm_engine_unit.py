@@ -56,7 +56,8 @@ def test_socket_path_is_none_when_too_long_for_a_unix_socket(tmp_path):
 def test_serve_with_bad_arguments_is_one_clear_line(tmp_path):
     import subprocess
 
-    for args in (["serve"], ["serve", str(tmp_path / "missing" / "x.sock")]):
+    for args in (["serve"], ["serve", str(tmp_path / "missing" / "x.sock")],
+                 ["serve", str(tmp_path / "x.sock"), "soon"], ["serve", str(tmp_path / "x.sock"), "-1"]):
         result = subprocess.run([sys.executable, "-m", "sierra_prefect.warm_engine", *args],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
