@@ -32,6 +32,8 @@ class StackState(BaseModel):
     workers: list[ProcessRecord] = []
     # Forks flow-run engines for the process worker (sierra_prefect/warm_engine.py).
     warm_engine: ProcessRecord | None = None
+    # The code it runs (warm_engine.EngineCode.record): `up` restarts it when that changed.
+    warm_engine_code: dict[str, str] | None = None
     # Hash of prefect.yaml + flows/ + workpools/ at the last successful deploy.
     deployed_digest: str | None = None
 
