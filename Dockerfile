@@ -20,6 +20,9 @@
 # PIP_EXTRA_INDEX_URL and PIP_TRUSTED_HOST may be passed as build args for a private index.
 # None of them ends up in the image's environment.
 #
+# The project's Prefect worker types (`prefect worker start --type sierra-docker`, the compose
+# worker of docs/docker.md) come with it: the build fails if Prefect cannot find them.
+#
 # Runs as uid 1000 (`sierra`) by default; `--user UID:GID` works too: HOME and PREFECT_HOME are
 # under /tmp, writable for any uid. Only the legacy builder's syntax is used (no RUN --mount, no
 # heredocs), so it builds with and without BuildKit.
@@ -125,6 +128,11 @@ RUN set -eu; \
     fi; \
     pip check; \
     PREFECT_HOME=/tmp/prefect-build-check prefect version >/dev/null; \
+    if [ -d sierra_prefect ]; then \
+        PREFECT_HOME=/tmp/prefect-build-check python -c "from prefect.workers.base import BaseWorker as W; \
+import sys; missing = [t for t in ('sierra-process', 'sierra-docker') if W.get_worker_class_from_type(t) is None]; \
+sys.exit(f'error: worker types {missing} are not registered (entry point prefect.collections)' if missing else 0)"; \
+    fi; \
     rm -rf /tmp/prefect-build-check; \
     chmod -R a+rX /opt/sierra-prefect
 

@@ -240,6 +240,7 @@ def run(
         image=image,
         host_user=host_user,
         mounts=[parse_mount(m) for m in mount],
+        stack_state=settings.state_file,
     )
     progress = err if as_json else out
     outcome = trigger(connection, request, progress)

@@ -143,11 +143,16 @@ def image_prefect_version(tag: str) -> str:
     return output.decode().strip()
 
 
+# Docker's SRC:DST[:MODE] has no escape for ':' (and prefect-docker validates volumes as that).
+_NO_COLON = "a path holding ':' cannot be mounted: Docker's SRC:DST[:MODE] has no escape for it"
+
+
 def parse_mount(text: str) -> str:
     """``SRC:DST[:ro|rw]`` with an existing absolute SRC, as Docker's -v takes it."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise ShimError(f"--mount '{text}' is not SRC:DST[:ro|rw]: e.g. --mount /data:/data:ro")
+        why = f" ({_NO_COLON})" if len(parts) > 3 or (len(parts) == 3 and "/" in parts[2]) else ""
+        raise ShimError(f"--mount '{text}' is not SRC:DST[:ro|rw]{why}: e.g. --mount /data:/data:ro")
     if not Path(parts[0]).is_absolute() or not Path(parts[0]).exists():
         raise ShimError(
             f"--mount source '{parts[0]}' does not exist (or is relative): create it or fix the path"
@@ -161,6 +166,10 @@ def parse_mount(text: str) -> str:
 def job_variables(input_root: str, scratch_root: str, image: str | None, host_user: bool,
                   mounts: list[str]) -> dict:
     """Job variables for one Docker flow run: the roots mounted at the same paths."""
+    for option, root in (("--input-root", input_root), ("--scratch-root", scratch_root)):
+        if ":" in root:
+            raise ShimError(f"{option} '{root}' holds ':' and so cannot be mounted into the "
+                            f"container ({_NO_COLON}): rename or move the directory")
     volumes = [f"{input_root}:{input_root}:rw", f"{scratch_root}:{scratch_root}:rw", *mounts]
     variables: dict = {"volumes": list(dict.fromkeys(volumes))}
     if image:

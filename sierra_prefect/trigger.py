@@ -22,6 +22,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -45,6 +46,10 @@ from flows.summary import BatchSummary, parse_progress, read_summary
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.versions import check_versions
+from sierra_prefect.worker import wake_workers
+
+# Pool types whose flow runs run in containers: ours, and Prefect's own.
+DOCKER_POOL_TYPES = frozenset({"sierra-docker", "docker"})
 
 POLL_SECONDS = 0.25  # how soon the end is seen; two light API reads per poll
 CANCEL_DEADLINE_SECONDS = 60.0
@@ -87,6 +92,8 @@ class Trigger:
     host_user: bool = False
     mounts: list[str] = field(default_factory=list)
     busy_deadline: float = BUSY_DEADLINE_SECONDS
+    # The state file of the stack whose own workers to wake once the flow run exists.
+    stack_state: Path | None = None
 
     @property
     def tags(self) -> list[str]:
@@ -211,7 +218,7 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
             f"{name} runs on pool '{deployment.work_pool_name}', not '{work_pool}': drop "
             "--work-pool or deploy it to that pool"
         )
-    if pool.type == "docker":
+    if pool.type in DOCKER_POOL_TYPES:
         _check_image(name, deployment, pool, image, client_version, server_version, api_url,
                      console or Console(stderr=True, soft_wrap=True))
     return deployment
@@ -382,6 +389,8 @@ def _trigger(connection: Connection, request: Trigger, console: Console, patienc
             "creating the flow run", client.create_flow_run_from_deployment, deployment.id,
             parameters=request.parameters(), job_variables=request.job_variables or None,
             work_queue_name=request.work_queue, tags=request.tags, idempotency_key=key)
+        if request.stack_state is not None:  # now, not at the worker's next poll
+            wake_workers(request.stack_state, deployment.work_pool_name, connection.api_url)
         ui_url = f"{connection.ui_url}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
         console.print(f"batch tag {request.tags[0]} (filter the UI's flow runs by it)",
@@ -394,7 +403,7 @@ def _docker_job_variables(client, deployment, request: Trigger) -> None:
     from sierra_prefect import docker
 
     pool = client.read_work_pool(deployment.work_pool_name)
-    if pool.type != "docker":
+    if pool.type not in DOCKER_POOL_TYPES:
         if request.wants_docker:
             raise ShimError(
                 f"--image/--host-user/--mount are for Docker deployments; {request.deployment} "

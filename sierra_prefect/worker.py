@@ -1,6 +1,7 @@
 """The stack's Prefect workers: a process worker on ``sierra-pool`` and, with ``up
 --docker``, a Docker worker on ``sierra-docker-pool`` (whose image it also builds when it
-is missing or stale).
+is missing or stale). Both are our worker types (``sierra-process``, ``sierra-docker``:
+sierra_prefect/worker_types.py), started as ``prefect worker start --type ...``.
 
 Each ``Worker`` owns its start, its readiness (seen online by the API) and its stop::
 
@@ -11,12 +12,16 @@ Each ``Worker`` owns its start, its readiness (seen online by the API) and its s
 
 ``workers_online`` is the one answer to "which workers of this pool are online?" (the
 stack, ``status`` and the tests ask it), in plain HTTP so no Prefect import is needed.
+``wake_workers`` makes the stack's own worker of a pool look for flow runs at once
+(SIGUSR1): ``sierra-prefect run`` calls it right after creating a flow run.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -26,12 +31,16 @@ import httpx
 
 from sierra_prefect import warm_engine
 from sierra_prefect.connection import Connection
+from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord, wait_for
 from sierra_prefect.settings import Settings, venv_env
 from sierra_prefect.state import StackState
 
-# The pool each kind of worker serves (see workpools/).
+# The pool each kind of worker serves, and its worker type (see workpools/: the pool's type).
 WORKER_POOLS = {"process": "sierra-pool", "docker": "sierra-docker-pool"}
+WORKER_TYPES = {"process": "sierra-process", "docker": "sierra-docker"}
+# Our workers look for flow runs at once on it (worker_types.WAKE_SIGNAL).
+WAKE_SIGNAL = signal.SIGUSR1
 
 
 def workers_online(connection: Connection, pool: str) -> list[str]:
@@ -98,7 +107,7 @@ class Worker:
         self.state.workers = [w for w in self.state.workers if w.role != self.role]
         name = self.name(len(self.state.workers))
         argv = [sys.executable, "-m", "prefect", "worker", "start",
-                "--pool", self.pool, "--type", self.kind, "--name", name]
+                "--pool", self.pool, "--type", WORKER_TYPES[self.kind], "--name", name]
         env = venv_env(api_url, self.settings,
                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
         if self.kind == "process" and warm_socket is not None:
@@ -125,3 +134,39 @@ class Worker:
         mine = [w for w in self.state.workers if w.role == self.role]
         self.state.workers = [w for w in self.state.workers if w.role != self.role]
         return [record.stop_and_report() for record in mine]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (Linux: ``SigCgt`` in
+    /proc/PID/status). A process without one would be killed by SIGUSR1."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def wake_workers(state_file: Path, pool: str, api_url: str) -> list[int]:
+    """SIGUSR1 to the workers of ``pool`` that a stack (its ``state_file``) started for the
+    server at ``api_url``: they look for flow runs now instead of at their next poll. Only
+    a process that is still ours (pid and start time, as ``down`` checks) and catches the
+    signal gets it; returns their pids (none: the next poll finds the flow run)."""
+    try:
+        state = StackState.load(state_file)
+    except ShimError:
+        return []
+    if state.api_url != api_url:
+        return []
+    roles = {f"worker:{kind}" for kind, name in WORKER_POOLS.items() if name == pool}
+    woken = []
+    for record in state.workers:
+        if record.role in roles and record.is_running() and catches(record.pid, WAKE_SIGNAL):
+            try:
+                os.kill(record.pid, WAKE_SIGNAL)
+                woken.append(record.pid)
+            except ProcessLookupError:
+                pass  # it just exited
+    return woken

@@ -172,8 +172,10 @@ def docker_engine(tmp_path_factory):
 
 
 def docker_stack_env(home: Path) -> dict[str, str]:
-    """``base_env`` (which drops SIERRA_PREFECT_*) plus the base image to build from."""
-    return {**base_env(home), "SIERRA_PREFECT_BASE_IMAGE": BASE_IMAGE}
+    """``base_env`` (which drops SIERRA_PREFECT_*) plus the base image to build from, and the
+    images the tests build allowed for flow runs (a derived image, as docs/docker.md says)."""
+    return {**base_env(home), "SIERRA_PREFECT_BASE_IMAGE": BASE_IMAGE,
+            "SIERRA_PREFECT_ALLOWED_IMAGES": f"{TEST_REPO}/*"}
 
 
 def bring_up_docker(home: Path) -> StackHandle:
@@ -261,6 +263,7 @@ class ComposeSetup:
     port: int
     api_url: str
     project: str
+    data_root: Path  # mounted into the worker service at the same path: its allowed root
     command: str  # docker-compose with its environment, as pytest-docker runs it (shell)
 
     def logs(self) -> str:
@@ -272,18 +275,22 @@ class ComposeSetup:
 
 
 @pytest.fixture(scope="session")
-def compose_setup(docker_engine) -> ComposeSetup:
+def compose_setup(docker_engine, tmp_path_factory) -> ComposeSetup:
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose (v1) is missing: apt-get install docker-compose "
                     "(scripts/setup.sh --test does)", pytrace=False)
     port = free_port()
     sock = docker_engine.docker_host.removeprefix("unix://")
+    # Every test's tmp_path is under it: the batches the compose worker may mount.
+    data_root = tmp_path_factory.getbasetemp().resolve()
     # pytest-docker runs the command through the shell: the variables the compose file
     # interpolates go in front, so the test process's own environment stays untouched.
     command = (f"SIERRA_PREFECT_COMPOSE_PORT={port} SIERRA_PREFECT_COMPOSE_IMAGE={WORKER_IMAGE} "
-               f"SIERRA_PREFECT_COMPOSE_DOCKER_SOCK={sock} docker-compose")
+               f"SIERRA_PREFECT_COMPOSE_DOCKER_SOCK={sock} "
+               f"SIERRA_PREFECT_COMPOSE_DATA_ROOT='{data_root}' docker-compose")
     return ComposeSetup(port=port, api_url=f"http://127.0.0.1:{port}/api",
-                        project=f"sierra-prefect-test-{SESSION_ID}", command=command)
+                        project=f"sierra-prefect-test-{SESSION_ID}", data_root=data_root,
+                        command=command)
 
 
 @pytest.fixture(scope="session")

@@ -301,7 +301,8 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
     client_env = {**docker_stack.env, "DOCKER_HOST": NO_ENGINE}
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         template = client.read_work_pool("sierra-docker-pool").base_job_template
-        client.create_work_pool(WorkPoolCreate(name=pool, type="docker", base_job_template=template))
+        client.create_work_pool(WorkPoolCreate(name=pool, type="sierra-docker",
+                                               base_job_template=template))
         stock = client.read_deployment_by_name(DOCKER)
         deployment_id = client.create_deployment(
             flow_id=stock.flow_id, name=name, work_pool_name=pool, entrypoint=stock.entrypoint,
@@ -312,7 +313,7 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
                   "PREFECT_HOME": str(tmp_path / "worker-prefect-home")}
     log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "docker",
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "sierra-docker",
          "--name", f"no-engine-worker-{SESSION_ID}"],
         env=worker_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -362,13 +363,14 @@ def test_pool_of_the_wrong_type_is_a_clear_error(docker_stack, tmp_path):
     shutil.copytree(PROJECT / "workpools", project / "workpools")
     spec_file = project / "workpools" / "sierra-pool.yaml"
     spec = yaml.safe_load(spec_file.read_text())
-    assert spec["type"] == "process"
-    spec_file.write_text(yaml.safe_dump({**spec, "type": "docker"}))
+    assert spec["type"] == "sierra-process"
+    spec_file.write_text(yaml.safe_dump({**spec, "type": "sierra-docker"}))
     before = pool_types(docker_stack.api_url)
     runs_before = flow_run_count(docker_stack.api_url, LOCAL)
     env = {**docker_stack.env, "SIERRA_PREFECT_PROJECT_DIR": str(project)}
     line = one_error_line(sierra_prefect("pools", "apply", env=env, timeout=120))
-    assert "work pool 'sierra-pool' exists with type 'process' but workpools/ says 'docker'" in line
+    assert ("work pool 'sierra-pool' exists with type 'sierra-process' but workpools/ says "
+            "'sierra-docker'") in line
     assert "prefect work-pool delete sierra-pool" in line
     assert pool_types(docker_stack.api_url) == before
     assert flow_run_count(docker_stack.api_url, LOCAL) == runs_before  # deployment still there

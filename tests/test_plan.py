@@ -110,9 +110,9 @@ def test_pool_files_are_valid_and_complete():
     from sierra_prefect.pools import WorkPoolSpec
 
     specs = {s.name: s for s in WorkPoolSpec.load_all(Path(__file__).parent.parent / "workpools")}
-    assert specs["sierra-pool"].type == "process"
+    assert specs["sierra-pool"].type == "sierra-process"
     assert [q.name for q in specs["sierra-pool"].queues] == ["sierra-queue"]
-    assert specs["sierra-docker-pool"].type == "docker"
+    assert specs["sierra-docker-pool"].type == "sierra-docker"
     template = specs["sierra-docker-pool"].base_job_template()
     assert template["variables"]["properties"]["network_mode"]["default"] == "host"
 

@@ -32,7 +32,7 @@ def test_status_reports_versions_pids_pools_and_deployments(stack):
     assert psutil.pid_exists(status["pids"]["server"])
     assert len(status["pids"]["workers"]) == 1
     assert {"sierra/local", "sierra/dockerremote"} <= set(status["deployments"])
-    assert status["pools"]["sierra-pool"]["type"] == "process"
+    assert status["pools"]["sierra-pool"]["type"] == "sierra-process"
     assert status["pools"]["sierra-pool"]["workers_online"]
     plain = stack.cli("status").stdout
     assert f"processes:    server {status['pids']['server']}, warm engine " in plain, plain
