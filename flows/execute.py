@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.resources import THREAD_ENV, cpu_list, format_size, process_tree, rss, tree_sum
+from sierra_prefect.redact import SECRET_ENV, scrub_env
 
 # bash like GNU parallel under SIERRA's hpc.local, so the same commands behave the same.
 SHELL = shutil.which("bash") or "/bin/sh"
@@ -44,14 +45,9 @@ SETPRIV = shutil.which("setpriv")
 TASKSET = shutil.which("taskset")
 RUN_ENV = "SIERRA_PREFECT_RUN"
 FLOW_RUN_ENV = "SIERRA_PREFECT_FLOW_RUN"
-# Credentials of the flow-run process that experimental runs must never see (a run that
-# prints its environment would write them into its log).
-SECRET_ENV = frozenset({
-    "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_PASSWORD",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_PASSWORD",
-    "SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL",
-})
+# The flow-run process holds the stack's credential (to talk to the server); experimental
+# runs must never see it, nor a database URL (a run that prints its environment would write
+# them into its log): see run_environment.
 # How long a run gets between SIGTERM and SIGKILL when it must be stopped.
 KILL_GRACE_SECONDS = 5.0
 # How often the memory watchdog measures a run's process tree.
@@ -144,6 +140,15 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
+def run_environment() -> dict[str, str]:
+    """The flow-run process's environment for a run, as ``hpc.local`` would pass it (a
+    simulator needs ``LD_LIBRARY_PATH``, ``ARGOS_PLUGIN_PATH``, ``ROS_*``...), less every
+    secret: the variables Prefect reads one from (``SECRET_ENV``), and any variable whose
+    value holds one of their values (a credential, a database URL or its password)."""
+    env, _ = scrub_env(os.environ, names=SECRET_ENV)
+    return env
+
+
 def run_command(
     command: str,
     cwd: Path,
@@ -162,7 +167,7 @@ def run_command(
     live = live or LiveRuns()
     started = time.monotonic()
     argv = [SHELL, "-c", command]
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env = run_environment()
     if limits.cpus:
         # The run's CPU count, even unpinned (no taskset): its libraries' threads follow it.
         env.update(dict.fromkeys(THREAD_ENV, str(len(limits.cpus))))

@@ -4,6 +4,7 @@ Typical use::
 
     sierra-prefect up                      # server + pools + deployments + worker
     eval "$(sierra-prefect env)"           # point `prefect ...` at the same server
+    sierra-prefect auth-string             # the stack's credential, for the UI's login
     sierra-prefect run sierra/local --input-root /abs/batch --scratch-root /abs/scratch
     sierra-prefect down
 
@@ -87,15 +88,36 @@ def up(
         help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
     database: str | None = typer.Option(
         None, metavar="URL",
-        help="Server database URL, e.g. postgresql+asyncpg://u:pw@127.0.0.1:5432/prefect (default SQLite)."),
+        help="Server database URL without a password, e.g. postgresql+asyncpg://u@127.0.0.1:5432/prefect "
+        "(default SQLite); one with a password goes in SIERRA_PREFECT_DATABASE_URL."),
     home: HomeOption = None,
 ) -> None:
     """Start (or reuse) the embedded stack: server, pools, deployments, worker."""
+    _require_no_password(database)
     settings = _settings(port=_port(port), home=home, host=host, database_url=database)
     stack = _stack(settings)
     connection = stack.up(docker=docker)
     out.print(f"ready: {connection.api_url}  (UI: {connection.ui_url})")
+    credential = settings.credential()
+    if credential and credential.file:
+        out.print(f"UI login: the stack's auth string, printed by `{PROG} auth-string` "
+                  f"(kept in {credential.file}, mode 0600)", highlight=False)
+    elif credential and not settings.api_url:
+        out.print(f"UI login: your {credential.describe()}", highlight=False)
     out.print('point Prefect at it: eval "$(sierra-prefect env)"')
+
+
+def _require_no_password(database: str | None) -> None:
+    """A command line is readable by every user of the machine (``ps``, /proc): a
+    password has no place on one."""
+    from sierra_prefect.redact import url_password
+
+    if database and url_password(database):
+        raise ShimError(
+            "--database holds a password, which any user of this machine can read from the "
+            "process list: put the URL in SIERRA_PREFECT_DATABASE_URL instead, e.g. "
+            'export SIERRA_PREFECT_DATABASE_URL="$(cat FILE)" with FILE of mode 0600'
+        )
 
 
 @app.command(short_help="Stop exactly what `up` started.")
@@ -127,6 +149,9 @@ def status(
         online = ", ".join(pool["workers_online"]) or "none online"
         out.print(f"pool:         {name} ({pool['type']}): {online}")
     out.print(f"deployments:  {', '.join(report['deployments']) or 'none'}")
+    if report["credential"]:
+        out.print(f"credential:   {report['credential']} (print it: {PROG} auth-string)",
+                  highlight=False)
     out.print(f"home:         {report['home']}")
     if not report["healthy"]:
         raise typer.Exit(1)
@@ -140,12 +165,32 @@ def _processes(pids: dict) -> str:
     return ", ".join(p for p in parts if p) or "none running from this home"
 
 
-@app.command(short_help="`export PREFECT_API_URL=...` for eval.")
+@app.command(short_help="`export PREFECT_API_URL=...` and the credential, for eval.")
 def env(home: HomeOption = None) -> None:
-    """Print `export PREFECT_API_URL=...` for this stack (use with eval)."""
-    connection = _stack(_settings(home=home), quiet=True).connection()
+    """Print `export PREFECT_API_URL=...` and `export PREFECT_API_AUTH_STRING=...` for this
+    stack (use with eval). The credential is read from its file when the shell evaluates
+    the lines, so they never show it."""
+    settings = _settings(home=home)
+    connection = _stack(settings, quiet=True).connection()
     out.print(f"export PREFECT_API_URL={connection.api_url}", highlight=False)
     out.print("export PREFECT_SERVER_ANALYTICS_ENABLED=false", highlight=False)
+    credential = settings.credential()
+    if credential:
+        out.print(credential.shell_export(), highlight=False, markup=False)
+
+
+@app.command("auth-string", short_help="Print the stack's credential (the UI's login asks for it).")
+def auth_string(home: HomeOption = None) -> None:
+    """Print the auth string this stack's server requires: what the Prefect UI's login
+    asks for. `up` makes it once, at random, and keeps it in the home (mode 0600);
+    SIERRA_PREFECT_AUTH_STRING, when set, wins."""
+    settings = _settings(home=home)
+    credential = settings.credential()
+    if credential is None:
+        where = ("PREFECT_API_URL's server: set PREFECT_API_AUTH_STRING to the one its owner gave you"
+                 if settings.api_url else f"{settings.home}: run `{PROG} up`")
+        raise ShimError(f"no credential for {where}")
+    print(credential.value)
 
 
 @app.command(short_help="Exit 0 if DEPLOYMENT can run here (SIERRA's check).")

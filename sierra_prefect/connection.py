@@ -1,8 +1,9 @@
 """How the shim talks to a Prefect server: its API URL and, when set, its auth string.
 
 Every Prefect client the shim makes and every plain HTTP call it sends goes through a
-``Connection``, so the credentials (Prefect's ``PREFECT_API_AUTH_STRING``) are sent
-wherever needed and printed nowhere.
+``Connection``, so the credential (Prefect's ``PREFECT_API_AUTH_STRING``; for the embedded
+server, the stack's own: ``sierra_prefect/credential.py``) is sent wherever needed and
+printed nowhere.
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ class Connection:
                 "PREFECT_API_AUTH_STRING (or SIERRA_PREFECT_AUTH_STRING) to its auth string"
             )
         return response.json() if response.status_code == 200 else None
+
+    def is_open(self) -> bool:
+        """Whether the server answers an API route to a client without credentials (a
+        server with an auth string answers 401 to all but /health and /ready)."""
+        try:
+            return httpx.get(f"{self.api_url}/admin/version", timeout=5.0).status_code != 401
+        except httpx.HTTPError:
+            return False
 
     def has_deployment(self, name: str) -> bool:
         """Whether deployment ``flow/name`` exists: one plain GET, so a warm ``up`` need

@@ -24,6 +24,7 @@ from sierra_prefect import warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.digests import files_digest
 from sierra_prefect.errors import ShimError
+from sierra_prefect.private import open_private, private_dir
 from sierra_prefect.settings import Settings, prefect_env
 from sierra_prefect.state import StackState
 
@@ -62,9 +63,9 @@ def deploy_all(project_dir: Path, env: dict[str, str], log: Path, warm: Path | N
 
     Forked from the warm engine at ``warm`` when it answers (no second import of Prefect),
     else in a new Python."""
-    log.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log.parent)
     argv = ["--no-prompt", "deploy", "--all"]
-    with open(log, "ab") as out, open(os.devnull, "rb") as nothing:
+    with open_private(log, "ab") as out, open(os.devnull, "rb") as nothing:
         code = warm_engine.run_forked(warm, argv, env, project_dir,
                                       (nothing.fileno(), out.fileno(), out.fileno()))
         if code is None:

@@ -28,6 +28,7 @@ import psutil
 from pydantic import BaseModel
 
 from sierra_prefect.errors import ShimError
+from sierra_prefect.private import open_private, private_dir
 
 # SIGKILL is final: only the kernel's bookkeeping is left to wait for.
 _AFTER_KILL_SECONDS = 10.0
@@ -78,9 +79,12 @@ class ProcessRecord(BaseModel):
     log: str
 
     @classmethod
-    def spawn(cls, role: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> ProcessRecord:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+    def spawn(cls, role: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path,
+              umask: int = -1) -> ProcessRecord:
+        """Start ``argv`` in its own session, output appended to ``log`` (a private file in
+        a private directory); ``umask`` for it (-1: ours)."""
+        private_dir(log.parent)
+        with open_private(log, "ab") as out:
             proc = subprocess.Popen(
                 argv,
                 env=env,
@@ -89,6 +93,7 @@ class ProcessRecord(BaseModel):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=umask,
             )
         return cls(
             role=role,

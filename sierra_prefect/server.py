@@ -1,6 +1,6 @@
 """The stack's Prefect server: SQLite (default) or PostgreSQL, on 127.0.0.1 unless told.
 
-``Server`` owns the server's start (port choice, database, credentials, the UI's API URL),
+``Server`` owns the server's start (port choice, database, credential, the UI's API URL),
 its readiness (``/api/health`` within a deadline) and its stop::
 
     server = Server(settings, state, say, save)
@@ -10,6 +10,11 @@ its readiness (``/api/health`` within a deadline) and its stop::
 
 With ``PREFECT_API_URL`` set (``settings.api_url``) the server is someone else's: nothing
 is started or stopped, and ``start`` only checks that it answers.
+
+Ours always requires the stack's credential (``settings.credential()``, made by the first
+``start``), given in its environment, never on its command line; every API route but
+``GET /api/health`` and ``GET /api/ready`` answers 401 without it. It runs with umask 077:
+its database and files in the home are its owner's alone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from pathlib import Path
 
 from sierra_prefect import sqlite_template
 from sierra_prefect.connection import Connection
+from sierra_prefect.credential import Credential
 from sierra_prefect.errors import ShimError
+from sierra_prefect.private import private_dir
 from sierra_prefect.processes import ProcessRecord, wait_for
 from sierra_prefect.settings import DEFAULT_PORT, Settings, prefect_env
 from sierra_prefect.state import StackState
@@ -91,9 +98,44 @@ class Server:
         return self.external or bool(server and server.is_running())
 
     def is_ready(self) -> bool:
-        """Answers ``/api/health`` and its version (raises on wrong credentials)."""
+        """Answers ``/api/health`` and its version (raises on wrong credentials, and if
+        ours lets in clients without the credential)."""
         connection = self.connection()
-        return connection.is_healthy() and connection.server_version() is not None
+        if not connection.is_healthy():
+            return False
+        self._require_guarded(connection)
+        return connection.server_version() is not None
+
+    def _require_guarded(self, connection: Connection) -> None:
+        """Ours, running, accepts our credential and nothing less (a server started before
+        stacks had one, or with another one, is refused with what to do)."""
+        if self.external:
+            return
+        credential = self._credential()
+        connection = Connection(connection.api_url, credential.value)
+        record, redo = self.state.server, "run `sierra-prefect down`, then `sierra-prefect up`"
+        pid = f" (pid {record.pid})" if record else ""
+        try:
+            connection.server_version()
+        except ShimError:
+            raise ShimError(
+                f"this stack's server{pid} refuses its credential ({credential.describe()}): "
+                f"it was started with another one; {redo}"
+            ) from None
+        if connection.is_open():
+            raise ShimError(
+                f"this stack's server{pid} lets in anyone on this machine: it was started "
+                f"without a credential (by an older sierra-prefect); {redo}"
+            )
+
+    def _credential(self) -> Credential:
+        """Ours: made once, at random, if the stack has none; its file kept 0600."""
+        credential = self.settings.ensure_credential()
+        if not credential.is_private():
+            credential.make_private()
+            self.say(f"warning: {credential.file} was readable by other users: made it 0600 "
+                     "(for a new credential: `sierra-prefect down`, delete it, `sierra-prefect up`)")
+        return credential
 
     def require_port(self) -> None:
         """Refuse ``--port P`` while ours runs on another port: moving it would strand
@@ -118,7 +160,8 @@ class Server:
             return self.settings.api_url
         server = self.state.server
         if server and server.is_running():
-            if self.state.api_url and Connection(self.state.api_url).is_healthy():
+            if self.state.api_url and self.connection().is_healthy():
+                self._require_guarded(self.connection())
                 self.say(f"server already up at {self.state.api_url} (pid {server.pid})")
                 return self.state.api_url
             # Ours but not answering: restart it rather than leave a zombie server.
@@ -132,17 +175,19 @@ class Server:
         port = self._choose_port()
         api_url = f"http://{self.settings.connect_host}:{port}/api"
         database = self.settings.prefect_home / "prefect.db"  # Prefect's default SQLite file
-        self.settings.prefect_home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.prefect_home)
+        self._credential()
         fresh = not (self.settings.database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
                      or database.exists())
         seeded = fresh and sqlite_template.seed(database)
         argv = [sys.executable, "-m", "prefect", "server", "start",
                 "--host", self.settings.host, "--port", str(port)]
         record = ProcessRecord.spawn("server", argv, self._env(api_url),
-                                     self.settings.logs_dir / "server.log", self.settings.home)
+                                     self.settings.logs_dir / "server.log", self.settings.home,
+                                     umask=0o077)
         self.state.server, self.state.api_url, self.state.port = record, api_url, port
         self.state.host = self.settings.host
-        self.state.database = self.settings.public()["database_url"]
+        self.state.database = self.settings.masked_database()
         self.state.deployed_digest = None  # a new server process: deploy to it again
         self.save()
         seed = " from the cached empty database" if seeded else ""
@@ -151,7 +196,7 @@ class Server:
         return api_url
 
     def _env(self, api_url: str) -> dict[str, str]:
-        env = prefect_env(None, self.settings, **self.settings.server_env())
+        env = prefect_env(None, self.settings, server=True, **self.settings.server_env())
         if not any(os.environ.get(name) for name in UI_API_URL_ENV):  # the user's choice wins
             env["PREFECT_UI_API_URL"] = api_url
         return env
@@ -180,7 +225,7 @@ class Server:
         """A server that comes back must come back with the host and database it had."""
         if self.state.api_url is None or self.state.host is None:
             return  # never started, or brought down on purpose
-        now = (self.settings.host, self.settings.public()["database_url"])
+        now = (self.settings.host, self.settings.masked_database())
         if now != (self.state.host, self.state.database):
             raise ShimError(
                 f"this stack's server ran with --host {self.state.host} and database "

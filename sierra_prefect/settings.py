@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sierra_prefect import default_home
+from sierra_prefect.credential import CLIENT_ENV, FILE_NAME, Credential
 from sierra_prefect.errors import ShimError
+from sierra_prefect.redact import SECRET_ENV, Secrets, mask_url, scrub_env
+
+# Where an explicit credential may come from, first found first (as the field reads them).
+AUTH_STRING_ENV = ("SIERRA_PREFECT_AUTH_STRING", CLIENT_ENV)
+# The shim's own secret settings: passed on to no process (each gets what it needs in the
+# variables Prefect reads).
+SHIM_SECRET_ENV = ("SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL")
 
 DEFAULT_PORT = 4200
 
@@ -53,8 +60,11 @@ class Settings(BaseSettings):
     )
     auth_string: SecretStr | None = Field(
         None,
-        validation_alias=AliasChoices("SIERRA_PREFECT_AUTH_STRING", "PREFECT_API_AUTH_STRING"),
-        description="'user:password' the server requires and the shim and workers send.",
+        validation_alias=AliasChoices(*AUTH_STRING_ENV),
+        description=(
+            "'user:password' the server requires and the shim and workers send (default: "
+            "the random one `up` keeps in home/auth-string)."
+        ),
     )
     port: int | Literal["auto"] | None = Field(
         None,
@@ -90,6 +100,8 @@ class Settings(BaseSettings):
         120.0, gt=0, description="How long `run` waits for a busy server (HTTP 503, no answer) "
         "before the flow run exists, showing why, before it fails with one line.",
     )
+    # The credential in force, once read (see credential()).
+    _credential: Credential | None = PrivateAttr(None)
 
     @field_validator("home", "project_dir")
     @classmethod
@@ -120,35 +132,69 @@ class Settings(BaseSettings):
             return self.host == "localhost"
 
     def require_safe_exposure(self) -> None:
+        # Beyond loopback the credential crosses the network and remote workers must be
+        # given it: a deliberate choice, so not the generated one.
         if not self.is_loopback() and not self.auth_string:
             raise ShimError(
-                f"the server would listen on {self.host} without credentials: set "
+                f"the server would listen on {self.host} with no credential of your choosing: set "
                 "SIERRA_PREFECT_AUTH_STRING='user:password' (or keep --host 127.0.0.1)"
             )
 
+    @property
+    def auth_file(self) -> Path:
+        """Where ``up`` keeps the stack's generated credential (mode 0600)."""
+        return self.home / FILE_NAME
+
+    def credential(self) -> Credential | None:
+        """The auth string the server requires and the shim, workers and the warm engine
+        send: an explicit ``SIERRA_PREFECT_AUTH_STRING`` (or ``PREFECT_API_AUTH_STRING``)
+        wins; else, for the embedded server, the one ``up`` keeps in the home. None before
+        the first ``up``, and for someone else's server (``PREFECT_API_URL``) unless given:
+        this home's credential is never sent to another server."""
+        if self._credential is None:
+            if self.auth_string:
+                source = next((name for name in AUTH_STRING_ENV if os.environ.get(name)),
+                              AUTH_STRING_ENV[0])
+                self._credential = Credential(self.auth_string.get_secret_value(), source)
+            elif not self.api_url:
+                self._credential = Credential.read(self.auth_file)
+        return self._credential
+
+    def ensure_credential(self) -> Credential:
+        """The credential, made (once, at random) if the stack has none: ``up`` does this."""
+        if self.credential() is None:
+            self._credential = Credential.create(self.auth_file)
+        return self._credential
+
     def auth_secret(self) -> str | None:
-        return self.auth_string.get_secret_value() if self.auth_string else None
+        credential = self.credential()
+        return credential.value if credential else None
 
     def server_env(self) -> dict[str, str]:
         env = {}
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url.get_secret_value()
-        if self.auth_string:
-            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth_secret()
+        if secret := self.auth_secret():
+            env["PREFECT_SERVER_API_AUTH_STRING"] = secret
         return env
 
     def client_env(self) -> dict[str, str]:
-        return {"PREFECT_API_AUTH_STRING": self.auth_secret()} if self.auth_string else {}
+        secret = self.auth_secret()
+        return {CLIENT_ENV: secret} if secret else {}
+
+    def secrets(self) -> Secrets:
+        """The stack's secrets (credential, database URL) and those in this environment."""
+        database = self.database_url.get_secret_value() if self.database_url else None
+        return Secrets.in_environment(os.environ, self.auth_secret(), database)
+
+    def masked_database(self) -> str | None:
+        return mask_url(self.database_url.get_secret_value()) if self.database_url else None
 
     def public(self) -> dict:
         """The settings with credentials masked (for status output)."""
         values = self.model_dump(mode="json")
-        if self.database_url:
-            values["database_url"] = re.sub(
-                r"//([^:/@]+):[^@]*@", r"//\1:***@", self.database_url.get_secret_value()
-            )
-        if self.auth_string:
-            values["auth_string"] = "***"
+        values["database_url"] = self.masked_database()
+        values["auth_string"] = "***" if self.auth_string else None
         return values
 
     def require_project(self) -> Path:
@@ -160,17 +206,23 @@ class Settings(BaseSettings):
         return self.project_dir
 
 
-def prefect_env(api_url: str | None, settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for Prefect processes we start: telemetry off, our PREFECT_HOME."""
-    env = dict(os.environ)
+def prefect_env(api_url: str | None, settings: Settings, server: bool = False,
+                **extra: str) -> dict[str, str]:
+    """Environment for Prefect processes we start: telemetry off, our PREFECT_HOME.
+
+    Processes get secrets only in the variables Prefect reads (``extra``: see server_env,
+    client_env). A client (a worker, the warm engine, a deploy; ``server`` False) gets none
+    of the caller's: no variable named for one (``SECRET_ENV``) or holding one (the
+    credential, the database URL or its password), so flow runs cannot pass them on."""
+    if server:  # it may need the user's own PREFECT_API_DATABASE_* settings
+        env = {k: v for k, v in os.environ.items() if k not in SHIM_SECRET_ENV}
+    else:
+        env, _ = scrub_env(os.environ, settings.secrets(), SECRET_ENV)
     env.update(
         PREFECT_HOME=str(settings.prefect_home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_CLI_PROMPT="false",
     )
-    # Processes get credentials only in the variables Prefect reads (see server_env, client_env).
-    for name in ("SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL"):
-        env.pop(name, None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     else:

@@ -153,8 +153,11 @@ class Stack:
         api_url = self.api_url()
         connection = self.connection() if api_url else None
         healthy = bool(connection) and connection.is_healthy(timeout=10.0)
+        credential = self.settings.credential()
         report: dict = {
             "home": str(self.settings.home),
+            # Where the credential is (the file, or the variable), never what it is.
+            "credential": credential.describe() if credential else None,
             "api_url": api_url,
             "ui_url": connection.ui_url if connection else None,
             "external_server": self.external,

@@ -2,7 +2,8 @@
 
 Lives at ``$SIERRA_PREFECT_HOME/stack.json``; two values of ``SIERRA_PREFECT_HOME`` (or
 two users) are two independent stacks. Writes are atomic, and a lock file serialises
-``up``/``down`` on the same home.
+``up``/``down`` on the same home. The home is 0700, the state and lock files 0600
+(``sierra_prefect/private.py``), whatever the umask.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from sierra_prefect.errors import ShimError
+from sierra_prefect.private import open_private, private_dir
 from sierra_prefect.processes import ProcessRecord
 
 
@@ -58,8 +60,8 @@ class StackState(BaseModel):
             ) from exc
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stack.")
+        private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stack.")  # mode 0600
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(self.model_dump(mode="json"), indent=2))
         os.replace(tmp, path)
@@ -67,9 +69,10 @@ class StackState(BaseModel):
 
 @contextmanager
 def locked(home: Path) -> Iterator[None]:
-    """Hold the home's lock: one up/down at a time per stack."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "lock", "w") as handle:
+    """Hold the home's lock: one up/down at a time per stack. The home is made private
+    (mode 0700) here, before anything is written in it."""
+    private_dir(home)
+    with open_private(home / "lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -33,10 +33,11 @@ def fresh_stack(tmp_path) -> StackHandle:
 @pytest.fixture
 def prefect_api(stack):
     """Point in-process Prefect code (the flow called directly, the client) at ``stack``,
-    with its Prefect home: flows called here share the CPUs of the stack's own flow runs
+    with its credential and its Prefect home: flows called here share the CPUs of the stack's own flow runs
     (flows/sierra_batch.py:cpu_lock_dir), not those of other pytest workers."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: stack.api_url,
+                             PREFECT_API_AUTH_STRING: stack.auth_string,
                              PREFECT_HOME: str(stack.home / "prefect")}):
         yield stack.api_url

@@ -6,6 +6,7 @@ only plain helpers from here.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -34,6 +35,13 @@ def base_env(home: Path) -> dict[str, str]:
     return stack_env(home)
 
 
+def basic_auth(auth_string: str | None) -> dict[str, str]:
+    """HTTP headers that carry ``auth_string`` as Prefect's clients send it."""
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+
+
 @dataclass
 class StackHandle:
     home: Path
@@ -47,9 +55,29 @@ class StackHandle:
         return json.loads(self.cli("status", "--json").stdout)
 
     @property
+    def auth_string(self) -> str:
+        """The stack's credential, found as its owner would: SIERRA_PREFECT_AUTH_STRING if
+        it was given, else the file `up` made in the home."""
+        return (self.env.get("SIERRA_PREFECT_AUTH_STRING")
+                or (self.home / "auth-string").read_text().strip())
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """For plain HTTP calls to this stack's API."""
+        return basic_auth(self.auth_string)
+
+    @property
     def client_env(self) -> dict[str, str]:
         """Environment of a client pointed at this stack (what `eval $(sierra-prefect env)` does)."""
-        return {**self.env, "PREFECT_API_URL": self.api_url}
+        return {**self.env, "PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string}
+
+
+def api_of(target: StackHandle | str) -> tuple[str, dict[str, str]]:
+    """The API URL and the headers for plain HTTP calls to a stack, or to a server given by
+    its URL alone (one without a credential, e.g. the compose services)."""
+    if isinstance(target, StackHandle):
+        return target.api_url, target.headers
+    return target, {}
 
 
 def sierra_prefect(*args: str, env: dict, timeout: float = 300, check: bool = False, **kw):
