@@ -4,7 +4,8 @@ PostgreSQL refuses to run as root, so the server runs as ``postgres`` (the Debia
 creates it) or, failing that, ``nobody``, through ``runuser``. Its data, socket and log
 live in a fresh directory under /tmp owned by that user; it listens on 127.0.0.1 on a free
 port. A database and a password user are created for Prefect, and the fixture yields a
-``PostgresServer`` whose ``url`` is what ``sierra-prefect up --database`` takes.
+``PostgresServer`` whose ``url`` is what ``SIERRA_PREFECT_DATABASE_URL`` takes (it holds a
+password, so never ``up --database``: that would put it on a command line).
 
 Teardown is ``pg_ctl stop -m fast`` on exactly that data directory (the postmaster's pid
 file), never a kill by name. If the machine cannot run PostgreSQL at all (no binaries,
@@ -84,11 +85,12 @@ class PostgresServer:
         return f"postgresql+asyncpg://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.db}"
 
     def as_os_user(self, *argv: str, check: bool = True, timeout: float = 60,
-                   env: dict | None = None) -> subprocess.CompletedProcess:
+                   env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
         """Run a PostgreSQL binary as the server's system user."""
         cmd = ["runuser", "-u", self.os_user, "--", str(self.bindir / argv[0]), *argv[1:]]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                cwd=self.base, env=env)
+                                cwd=self.base, env=env, input=stdin,
+                                stdin=None if stdin is not None else subprocess.DEVNULL)
         if check and result.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(argv[:2])} exited {result.returncode}: {result.stderr.strip()}"
@@ -97,10 +99,11 @@ class PostgresServer:
         return result
 
     def superuser_sql(self, sql: str) -> str:
-        """SQL as the superuser over the Unix socket (trust auth, socket dir is private)."""
+        """SQL as the superuser over the Unix socket (trust auth, socket dir is private),
+        on psql's stdin: it may hold a password, which a command line would show to all."""
         return self.as_os_user(
             "psql", "-h", str(self.base), "-p", str(self.port), "-U", "postgres",
-            "-d", "postgres", "-X", "-v", "ON_ERROR_STOP=1", "-tAc", sql,
+            "-d", "postgres", "-X", "-v", "ON_ERROR_STOP=1", "-tA", stdin=sql,
         ).stdout.strip()
 
     def psql(self, sql: str) -> str:

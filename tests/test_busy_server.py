@@ -3,7 +3,8 @@
 A real HTTP proxy on 127.0.0.1 stands in front of the session stack's real server: it
 answers 503 (or nothing, for a while) to ``create_flow_run`` as a server busy writing a
 backlog does, and passes everything else through. ``sierra-prefect run`` talks to the
-proxy (``PREFECT_API_URL``); the worker still talks to the server.
+proxy (``PREFECT_API_URL``, with the stack's credential as any client of a server given by
+URL needs it); the worker still talks to the server.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class BusyProxy:
 def _run_through(stack, proxy: BusyProxy, tmp_path, deadline: float, extra: tuple = ()):
     batch, scratch = make_batch(tmp_path, ["echo ran"])
     env = {**stack.env, "PREFECT_API_URL": proxy.url + "/api",
+           "PREFECT_API_AUTH_STRING": stack.auth_string,
            "SIERRA_PREFECT_BUSY_DEADLINE": str(deadline), "COLUMNS": "300"}
     started = time.monotonic()
     result = sierra_prefect("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
@@ -100,7 +102,7 @@ def _run_through(stack, proxy: BusyProxy, tmp_path, deadline: float, extra: tupl
 
 
 def _flow_runs_tagged(stack, tag: str) -> list[dict]:
-    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30,
+    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30, headers=stack.headers,
                        json={"flow_runs": {"tags": {"all_": [tag]}}})
     reply.raise_for_status()
     return reply.json()

@@ -1,6 +1,7 @@
 """Scale and security, against real servers on 127.0.0.1.
 
-- a stack on a real PostgreSQL (``up --database``), then ten batches triggered at once on it;
+- a stack on a real PostgreSQL (``SIERRA_PREFECT_DATABASE_URL``), then ten batches triggered
+  at once on it;
 - two stacks side by side on one machine (two values of SIERRA_PREFECT_HOME);
 - a server exposed beyond loopback only with an auth string, which never leaks;
 - a worker confined to SIERRA_PREFECT_ALLOWED_ROOTS (``..`` and symlinks can't lead out);
@@ -139,8 +140,10 @@ def pg_stack(postgres: PostgresServer,
     home = tmp_path_factory.mktemp("pg-home")
     env = base_env(home)
     try:
-        up = sierra_prefect("up", "--database", postgres.url, env=env, timeout=300)
-        assert up.returncode == 0, f"up --database failed:\n{up.stdout}\n{up.stderr}"
+        # The URL holds a password: in the environment, never on a command line.
+        env["SIERRA_PREFECT_DATABASE_URL"] = postgres.url
+        up = sierra_prefect("up", env=env, timeout=300)
+        assert up.returncode == 0, f"up on PostgreSQL failed:\n{up.stdout}\n{up.stderr}"
         status = json.loads(sierra_prefect("status", "--json", env=env, check=True).stdout)
         yield StackHandle(home=home, env=env, api_url=status["api_url"]), up
     finally:
@@ -359,8 +362,12 @@ def test_two_stacks_side_by_side_stay_independent(tmp_path):
             assert result.returncode == 0, result.stderr
             own.append(json.loads(result.stdout)["flow_run_id"])
             assert out.read_text() == f"{name}\n"
-        assert flow_run_ids(a["api_url"]) == {own[0]}
-        assert flow_run_ids(b["api_url"]) == {own[1]}
+        credentials = [StackHandle(home, env, "").auth_string for home, env in zip(homes, envs, strict=True)]
+        assert credentials[0] != credentials[1], "each stack has its own credential"
+        assert flow_run_ids(a["api_url"], credentials[0]) == {own[0]}
+        assert flow_run_ids(b["api_url"], credentials[1]) == {own[1]}
+        with pytest.raises(Exception, match="401"):  # one stack's credential opens no other
+            flow_run_ids(b["api_url"], credentials[0])
 
         # Down on A leaves B up, with the same pids, and B still runs batches.
         down = sierra_prefect("down", env=envs[0], timeout=120)
@@ -373,7 +380,7 @@ def test_two_stacks_side_by_side_stay_independent(tmp_path):
         batch, scratch = make_batch(tmp_path / "b-again", ["echo again"])
         again = run_batch(envs[1], batch, scratch)
         assert again.returncode == 0, again.stderr
-        assert flow_run_ids(b["api_url"]) == {own[1], json.loads(again.stdout)["flow_run_id"]}
+        assert flow_run_ids(b["api_url"], credentials[1]) == {own[1], json.loads(again.stdout)["flow_run_id"]}
     finally:
         for env in envs:
             sierra_prefect("down", env=env, timeout=120)
@@ -609,7 +616,7 @@ def test_batches_outside_the_allowed_roots_are_refused_before_any_command(confin
         assert not touched.exists(), case
         assert not (Path(os.path.realpath(scratch_root)) / "sierra-prefect" / "runs").exists(), case
         flow_runs[case] = UUID(FLOW_RUN_LINE.search(stdout).group(1))
-    with prefect_client(stack.api_url) as client:
+    with prefect_client(stack.api_url, stack.auth_string) as client:
         states = {case: client.read_flow_run(i).state for case, i in flow_runs.items()}
     for case, state in states.items():
         assert state.type.value == "FAILED", f"{case}: {state}"

@@ -30,7 +30,7 @@ def _batch_flow_runs(stack, root) -> list[dict]:
     """The flow runs of the one batch under ``root`` (by the batch tag they all carry)."""
     tags = {batch_tag(str(c.parent)) for c in root.rglob("commands.txt")}
     assert len(tags) == 1, tags
-    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30,
+    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30, headers=stack.headers,
                        json={"flow_runs": {"tags": {"all_": list(tags)}}})
     reply.raise_for_status()
     return reply.json()
