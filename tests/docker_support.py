@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import PROJECT, StackHandle, base_env, sierra_prefect
+from tests.helpers import PROJECT, StackHandle, api_of, base_env, sierra_prefect
 
 BASE_IMAGE = "sierra-prefect/base:bookworm"
 WORKER_IMAGE = "sierra-prefect/worker:latest"
@@ -196,34 +196,41 @@ def docker_stack(docker_engine, tmp_path_factory):
 
 
 # -- the Prefect API, read directly (independent of the shim's internals) -----------------
+# ``server``: a stack (its credential is sent), or the URL of a server without one.
 
 
-def deployment_id(api_url: str, name: str) -> str:
+def deployment_id(server: StackHandle | str, name: str) -> str:
+    api_url, headers = api_of(server)
     flow, _, deployment = name.partition("/")
-    response = httpx.get(f"{api_url}/deployments/name/{flow}/{deployment}", timeout=10)
+    response = httpx.get(f"{api_url}/deployments/name/{flow}/{deployment}", headers=headers,
+                         timeout=10)
     response.raise_for_status()
     return response.json()["id"]
 
 
-def flow_run_count(api_url: str, deployment: str) -> int:
+def flow_run_count(server: StackHandle | str, deployment: str) -> int:
+    api_url, headers = api_of(server)
     response = httpx.post(
         f"{api_url}/flow_runs/count",
-        json={"deployments": {"id": {"any_": [deployment_id(api_url, deployment)]}}},
-        timeout=10,
+        json={"deployments": {"id": {"any_": [deployment_id(server, deployment)]}}},
+        headers=headers, timeout=10,
     )
     response.raise_for_status()
     return int(response.json())
 
 
-def workers_online(api_url: str, pool: str) -> list[str]:
+def workers_online(server: StackHandle | str, pool: str) -> list[str]:
     from sierra_prefect.connection import Connection
     from sierra_prefect.worker import workers_online as online
 
-    return online(Connection(api_url), pool)
+    api_url, _ = api_of(server)
+    auth = server.auth_string if isinstance(server, StackHandle) else None
+    return online(Connection(api_url, auth), pool)
 
 
-def pool_types(api_url: str) -> dict[str, str]:
-    response = httpx.post(f"{api_url}/work_pools/filter", json={}, timeout=10)
+def pool_types(server: StackHandle | str) -> dict[str, str]:
+    api_url, headers = api_of(server)
+    response = httpx.post(f"{api_url}/work_pools/filter", json={}, headers=headers, timeout=10)
     response.raise_for_status()
     return {p["name"]: p["type"] for p in response.json()}
 

@@ -179,13 +179,13 @@ def test_image_with_another_prefect_is_refused_before_any_run(docker_engine, doc
     assert docker_engine.run_python(tag, "import prefect; print(prefect.__version__)").stdout.strip() == other
 
     batch, scratch = make_batch(tmp_path, [f"touch {tmp_path}/ran-{i}" for i in range(3)])
-    before = flow_run_count(docker_stack.api_url, DOCKER)
+    before = flow_run_count(docker_stack, DOCKER)
     result = run_batch(docker_stack, DOCKER, batch, scratch, "--image", tag)
     line = one_error_line(result)
     assert (f"Prefect versions differ: image {tag} has {other}, client {locked}, "
             f"server {locked}") in line
     assert "sierra-prefect image build" in line
-    assert flow_run_count(docker_stack.api_url, DOCKER) == before, "no flow run may be created"
+    assert flow_run_count(docker_stack, DOCKER) == before, "no flow run may be created"
     assert not list(tmp_path.glob("ran-*")), "no command may run"
     assert not (scratch / "sierra-prefect" / "runs").exists()
 
@@ -222,12 +222,12 @@ def test_bad_docker_input_is_one_clear_line_and_deletes_nothing(docker_stack, tm
         extra = ["--mount", "batch:/data"]
     elif case == "docker options on a process pool":
         deployment, extra = LOCAL, ["--image", WORKER_IMAGE, "--host-user"]
-    before = flow_run_count(docker_stack.api_url, deployment)
+    before = flow_run_count(docker_stack, deployment)
     result = run_batch(docker_stack, deployment, batch, scratch, *extra, cwd=tmp_path)
     assert expected in one_error_line(result)
     assert keep.read_text() == "precious" and (batch / "commands.txt").is_file()
     assert not (tmp_path / "ran").exists()
-    assert flow_run_count(docker_stack.api_url, deployment) == before
+    assert flow_run_count(docker_stack, deployment) == before
 
 
 @pytest.mark.sierra
@@ -240,7 +240,7 @@ def test_sierra_docker_extra_mounts_bad_is_a_clear_error(docker_stack, tmp_path,
     mount = "data:/data" if case == "malformed" else f"{tmp_path}/nowhere:/data:ro"
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
-    before = flow_run_count(docker_stack.api_url, DOCKER)
+    before = flow_run_count(docker_stack, DOCKER)
     result = run_sierra(
         tmp_path / "sierra-root", execenv="prefectdeploy.dockerremote", n_runs=1, n_experiments=2,
         extra_args=["--exec-strict", "--docker-is-host-user", "--docker-extra-mounts", mount],
@@ -257,7 +257,7 @@ def test_sierra_docker_extra_mounts_bad_is_a_clear_error(docker_stack, tmp_path,
         assert f"--mount source '{tmp_path}/nowhere' does not exist" in result.stdout, result.stdout[-3000:]
         assert not list((tmp_path / "sierra-root").rglob("data.csv")), "no run may have run"
     assert keep.read_text() == "precious"
-    assert flow_run_count(docker_stack.api_url, DOCKER) == before
+    assert flow_run_count(docker_stack, DOCKER) == before
 
 
 def test_unbuildable_image_is_a_clear_error(docker_engine, tmp_path):
@@ -294,13 +294,14 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     pool = f"sierra-test-no-engine-{SESSION_ID}"
     name = f"no-engine-{SESSION_ID}"
-    api = docker_stack.api_url
+    api, credential = docker_stack.api_url, docker_stack.auth_string
     client_env = {**docker_stack.env, "DOCKER_HOST": NO_ENGINE}
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+    api_settings = {PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: credential}
+    with temporary_settings(api_settings), get_client(sync_client=True) as client:
         template = client.read_work_pool("sierra-docker-pool").base_job_template
         client.create_work_pool(WorkPoolCreate(name=pool, type="sierra-docker",
                                                base_job_template=template))
@@ -310,7 +311,8 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
             pull_steps=stock.pull_steps, job_variables=stock.job_variables, path=stock.path,
             parameter_openapi_schema=stock.parameter_openapi_schema,
         )
-    worker_env = {**client_env, "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1",
+    worker_env = {**client_env, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": credential,
+                  "PREFECT_WORKER_QUERY_SECONDS": "1",
                   "PREFECT_HOME": str(tmp_path / "worker-prefect-home")}
     log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen(
@@ -324,7 +326,7 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
         batch, scratch, out, outputs = identity_batch(tmp_path / "client-only", experiments=1, runs=2)
         client_only = start_batch(DOCKER, batch, scratch, "--host-user", env=client_env)
 
-        wait_until(lambda: workers_online(api, pool) or worker.poll() is not None, 90,
+        wait_until(lambda: workers_online(docker_stack, pool) or worker.poll() is not None, 90,
                    "the engine-less worker to come online")
         assert worker.poll() is None, (tmp_path / "worker.log").read_text()
         down_batch, down_scratch = make_batch(tmp_path / "no-engine", [f"touch {tmp_path}/ran"])
@@ -350,7 +352,7 @@ def test_engine_down_warns_at_the_client_and_fails_clearly_at_the_worker(docker_
     finally:
         stop_group(worker, grace=60)  # our own worker, by its session's id
         log.close()
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with temporary_settings(api_settings), get_client(sync_client=True) as client:
             client.delete_deployment(deployment_id)
             client.delete_work_pool(pool)
 
@@ -366,15 +368,15 @@ def test_pool_of_the_wrong_type_is_a_clear_error(docker_stack, tmp_path):
     spec = yaml.safe_load(spec_file.read_text())
     assert spec["type"] == "sierra-process"
     spec_file.write_text(yaml.safe_dump({**spec, "type": "sierra-docker"}))
-    before = pool_types(docker_stack.api_url)
-    runs_before = flow_run_count(docker_stack.api_url, LOCAL)
+    before = pool_types(docker_stack)
+    runs_before = flow_run_count(docker_stack, LOCAL)
     env = {**docker_stack.env, "SIERRA_PREFECT_PROJECT_DIR": str(project)}
     line = one_error_line(sierra_prefect("pools", "apply", env=env, timeout=120))
     assert ("work pool 'sierra-pool' exists with type 'sierra-process' but workpools/ says "
             "'sierra-docker'") in line
     assert "prefect work-pool delete sierra-pool" in line
-    assert pool_types(docker_stack.api_url) == before
-    assert flow_run_count(docker_stack.api_url, LOCAL) == runs_before  # deployment still there
+    assert pool_types(docker_stack) == before
+    assert flow_run_count(docker_stack, LOCAL) == runs_before  # deployment still there
     assert docker_stack.cli("pools", "apply").returncode == 0  # the real checkout still agrees
 
 
