@@ -130,18 +130,28 @@ class Stack:
         return (self.report or self.require_ready())["api_url"]
 
     @property
+    def auth_string(self) -> str:
+        """The stack's credential, from the file `up` keeps in the home (as its owner reads it)."""
+        return (self.home / "auth-string").read_text().strip()
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """A Prefect client's environment for this stack (what `eval $(sierra-prefect env)` sets)."""
+        return {**self.env, "PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string}
+
+    @property
     def pids(self) -> dict:
         """``{"server": pid, "workers": [pid, ...]}`` as ``status --json`` reported them."""
         return (self.report or self.require_ready())["pids"]
 
 
 @contextmanager
-def prefect_api(api_url: str) -> Iterator[object]:
-    """A sync Prefect client in this process, pointed at ``api_url``."""
+def prefect_api(api_url: str, auth_string: str | None) -> Iterator[object]:
+    """A sync Prefect client in this process, pointed at ``api_url`` with that credential."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}):
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth_string}):
         with get_client(sync_client=True) as client:
             yield client
 

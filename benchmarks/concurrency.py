@@ -49,10 +49,10 @@ def measure(stack: Stack, work: Path, repeats: int, n: int, seconds: float, cap:
     ideal = n * seconds / cap
     suffix = uuid.uuid4().hex[:8]
     tag, gcl_name = f"bench-tag-{suffix}", f"bench-gcl-{suffix}"
-    with prefect_api(api_url) as client:
+    with prefect_api(api_url, stack.auth_string) as client:
         deployments = limit_flows.deploy(PROJECT, "sierra-pool")
         limit_flows.create_limits(client, tag, gcl_name, cap)
-    env = {**stack.env, "PREFECT_API_URL": api_url}
+    env = stack.client_env
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     try:
         for r in range(repeats):
@@ -77,7 +77,7 @@ def measure(stack: Stack, work: Path, repeats: int, n: int, seconds: float, cap:
                     f"span {sample.get('span') or float('nan'):.2f} s, "
                     f"max at once {sample.get('max_at_once')}, ok {sample['ok']}")
     finally:
-        with prefect_api(api_url) as client:
+        with prefect_api(api_url, stack.auth_string) as client:
             limit_flows.delete_limits(client, tag, gcl_name)
     return {"n": n, "seconds": seconds, "cap": cap, "ideal": ideal, "variants": samples}
 

@@ -61,7 +61,7 @@ def measure(stack: Stack, work: Path, repeats: int, n: int, cap: int) -> dict:
                 sample, peaks = run_batch(stack, api_url, batch, case / "scratch", n, cap)
                 # Straight away: nothing between the batch's CLI exiting and this trigger.
                 after.append(trigger_latency.one(stack, case / "trigger-after", api_url))
-                add_flow_times(sample, api_url, n)
+                add_flow_times(sample, api_url, stack.auth_string, n)
                 ours.append(sample)
                 rss.append(peaks)
                 _log_ours(r, repeats, sample, peaks, after[-1])
@@ -117,11 +117,11 @@ def run_batch(stack: Stack, api_url: str, batch: Path, scratch: Path, n: int, ca
     return sample, peaks
 
 
-def add_flow_times(sample: dict, api_url: str, n: int) -> None:
+def add_flow_times(sample: dict, api_url: str, auth_string: str, n: int) -> None:
     """The flow run's own start to end, from its state history (after the batch: API calls)."""
     if not sample.get("flow_run_id"):
         return
-    with prefect_api(api_url) as client:
+    with prefect_api(api_url, auth_string) as client:
         tl = flow_run_timeline(client, sample["flow_run_id"])
     if "start_time" in tl and "end_time" in tl:
         sample["flow_seconds"] = tl["end_time"] - tl["start_time"]

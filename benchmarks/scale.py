@@ -22,6 +22,7 @@ deadline, the reader by the batch's end and a cap on its number of reads.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import time
@@ -56,9 +57,10 @@ def _one(stack: Stack, api_url: str, case: Path, n: int, cap: int, timeout: floa
     batch = write_batch(case / "batch", ["true"] * n)
     server_log = stack.home / "logs" / "server.log"
     offset = _size(server_log)
-    with ApiReader(api_url, since=time.time(), max_reads=math.ceil(timeout / READ_INTERVAL) + 10) as reader:
+    with ApiReader(api_url, stack.auth_string, since=time.time(),
+                   max_reads=math.ceil(timeout / READ_INTERVAL) + 10) as reader:
         sample, peaks = run_batch(stack, api_url, batch, case / "scratch", n, cap, timeout=timeout)
-    add_flow_times(sample, api_url, n)
+    add_flow_times(sample, api_url, stack.auth_string, n)
     sample["memory"] = peaks
     sample["reads"] = reader.summary()
     sample["log"] = count_log_lines(server_log, offset)
@@ -102,7 +104,7 @@ class ApiReader(Periodic):
     """Reads the newest flow run by id every READ_INTERVAL s on a thread, timing each read
     (at most ``max_reads`` reads, so the sampling is bounded whatever the batch does)."""
 
-    def __init__(self, api_url: str, since: float, max_reads: int) -> None:
+    def __init__(self, api_url: str, auth_string: str, since: float, max_reads: int) -> None:
         import httpx
 
         super().__init__(READ_INTERVAL, "api-reader")
@@ -113,7 +115,8 @@ class ApiReader(Periodic):
         self.latencies: list[float] = []
         self.errors: list[str] = []
         self.by_id = 0
-        self._client = httpx.Client(timeout=READ_TIMEOUT)
+        token = base64.b64encode(auth_string.encode()).decode()  # as Prefect's clients send it
+        self._client = httpx.Client(timeout=READ_TIMEOUT, headers={"Authorization": f"Basic {token}"})
 
     def sample(self) -> None:
         if len(self.latencies) < self.max_reads:

@@ -67,7 +67,7 @@ def one(stack: Stack, case: Path, api_url: str, timeout: float = 300) -> dict:
     first = float(stamp.read_text())
     sample.update(ok=True, latency=first - t0)
     flow_run_id = json.loads(result.stdout)["flow_run_id"]
-    with prefect_api(api_url) as client:
+    with prefect_api(api_url, stack.auth_string) as client:
         tl = flow_run_timeline(client, flow_run_id)
     running = tl.get("running", tl.get("start_time"))
     sample.update(
