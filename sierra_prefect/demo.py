@@ -62,5 +62,6 @@ def run_demo(settings: Settings, stack, console: Console) -> Outcome:
     console.print(f"sample batch: {EXPERIMENTS} experiments x {RUNS_PER_EXPERIMENT} runs in {batch}")
     outcome = trigger(connection, Trigger("sierra/local", str(batch), str(scratch)), console)
     console.print(f"outputs: {batch / 'exp-outputs'}  logs: {scratch / 'sierra-prefect'}")
-    console.print(f"Prefect UI: {connection.ui_url}")
+    login = " (log in with what `sierra-prefect auth-string` prints)" if connection.auth_string else ""
+    console.print(f"Prefect UI: {connection.ui_url}{login}", highlight=False)
     return outcome

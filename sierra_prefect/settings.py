@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     def require_safe_exposure(self) -> None:
         # Beyond loopback the credential crosses the network and remote workers must be
         # given it: a deliberate choice, so not the generated one.
-        if not self.is_loopback() and not self.auth_string:
+        if not self.is_loopback() and not self.explicit_credential():
             raise ShimError(
                 f"the server would listen on {self.host} with no credential of your choosing: set "
                 "SIERRA_PREFECT_AUTH_STRING='user:password' (or keep --host 127.0.0.1)"
@@ -145,18 +145,28 @@ class Settings(BaseSettings):
         """Where ``up`` keeps the stack's generated credential (mode 0600)."""
         return self.home / FILE_NAME
 
+    def explicit_credential(self) -> Credential | None:
+        """A credential given in the environment: ``SIERRA_PREFECT_AUTH_STRING``, or (for a
+        server given by ``PREFECT_API_URL``) ``PREFECT_API_AUTH_STRING``. Without
+        ``PREFECT_API_URL`` the latter is a client setting left over for some other server
+        (a lab server's, or another stack's after ``eval "$(sierra-prefect env)"``), never
+        this stack's."""
+        if not self.auth_string:
+            return None
+        source = next((name for name in AUTH_STRING_ENV if os.environ.get(name)), AUTH_STRING_ENV[0])
+        if source == CLIENT_ENV and not self.api_url:
+            return None
+        return Credential(self.auth_string.get_secret_value(), source)
+
     def credential(self) -> Credential | None:
         """The auth string the server requires and the shim, workers and the warm engine
-        send: an explicit ``SIERRA_PREFECT_AUTH_STRING`` (or ``PREFECT_API_AUTH_STRING``)
-        wins; else, for the embedded server, the one ``up`` keeps in the home. None before
-        the first ``up``, and for someone else's server (``PREFECT_API_URL``) unless given:
-        this home's credential is never sent to another server."""
+        send: an explicit one (``explicit_credential``) wins; else, for the embedded server,
+        the one ``up`` keeps in the home. None before the first ``up``, and for someone
+        else's server (``PREFECT_API_URL``) unless given: this home's credential is never
+        sent to another server."""
         if self._credential is None:
-            if self.auth_string:
-                source = next((name for name in AUTH_STRING_ENV if os.environ.get(name)),
-                              AUTH_STRING_ENV[0])
-                self._credential = Credential(self.auth_string.get_secret_value(), source)
-            elif not self.api_url:
+            self._credential = self.explicit_credential()
+            if self._credential is None and not self.api_url:
                 self._credential = Credential.read(self.auth_file)
         return self._credential
 
@@ -194,7 +204,7 @@ class Settings(BaseSettings):
         """The settings with credentials masked (for status output)."""
         values = self.model_dump(mode="json")
         values["database_url"] = self.masked_database()
-        values["auth_string"] = "***" if self.auth_string else None
+        values["auth_string"] = "***" if self.explicit_credential() else None
         return values
 
     def require_project(self) -> Path:

@@ -140,6 +140,32 @@ def test_credential_is_made_once_private_and_reused(tmp_path):
         Credential.read(path)
 
 
+def test_which_credential_is_used(monkeypatch, tmp_path):
+    """Explicit SIERRA_PREFECT_AUTH_STRING wins; PREFECT_API_AUTH_STRING is for the server of
+    PREFECT_API_URL only; the home's own credential is never sent to another server."""
+    from sierra_prefect.settings import Settings
+
+    for name in ("SIERRA_PREFECT_AUTH_STRING", "PREFECT_API_AUTH_STRING", "PREFECT_API_URL",
+                 "SIERRA_PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    assert Settings(home=home).credential() is None  # before the first `up`
+    own = Settings(home=home).ensure_credential()
+    assert Settings(home=home).credential() == own and own.file == home / "auth-string"
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "lab:left-over-for-another-server")
+    assert Settings(home=home).credential() == own
+    assert Settings(home=home, host="0.0.0.0").public()["auth_string"] is None
+    monkeypatch.setenv("SIERRA_PREFECT_AUTH_STRING", "me:explicit")
+    explicit = Settings(home=home).credential()
+    assert (explicit.value, explicit.source, explicit.file) == \
+        ("me:explicit", "SIERRA_PREFECT_AUTH_STRING", None)
+    monkeypatch.delenv("SIERRA_PREFECT_AUTH_STRING")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    assert Settings(home=home).credential().value == "lab:left-over-for-another-server"
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING")
+    assert Settings(home=home).credential() is None  # not the home's: another server
+
+
 def test_private_dirs_and_files_whatever_the_umask(tmp_path):
     old = os.umask(0)
     try:
@@ -235,13 +261,28 @@ def stranger_env(tmp_path: Path, api_url: str) -> dict[str, str]:
     return {**base_env(home), "PREFECT_API_URL": api_url}
 
 
-def run_env_batch(stack: StackHandle, tmp_path: Path, env: dict | None = None) -> str:
-    """A batch of one run that prints its environment; what it printed."""
+def run_env_batch(stack: StackHandle, tmp_path: Path, secret_values: tuple[str, ...] = ()) -> str:
+    """A batch of one run that prints its environment; what it printed. Neither ``run``'s
+    output nor the flow run's logs and artifacts (its summary) hold ``secret_values``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
     batch, scratch = make_batch(tmp_path / "env-batch", ["env"])
     result = sierra_prefect("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
-                            str(scratch), "--json", env=env or stack.env)
+                            str(scratch), "--json", env=stack.env)
     assert result.returncode == 0, result.stderr
     [log] = scratch.rglob("attempt-001.stdout")
+    flow_run = uuid.UUID(json.loads(result.stdout)["flow_run_id"])
+    with temporary_settings({PREFECT_API_URL: stack.api_url, PREFECT_API_AUTH_STRING: stack.auth_string}):
+        with get_client(sync_client=True) as client:
+            by_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run]))
+            records = [*client.read_artifacts(flow_run_filter=by_run),
+                       *client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))]
+    assert any(getattr(r, "key", None) == "sierra-summary" for r in records)
+    texts = [result.stdout + result.stderr, *(r.model_dump_json() for r in records)]
+    for secret in secret_values:
+        assert not any(secret in text for text in texts), "a secret in run's output, a log or an artifact"
     return log.read_text()
 
 
@@ -342,7 +383,7 @@ def test_the_shim_worker_warm_engine_and_prefect_cli_use_it_and_no_output_shows_
 
     # A run that prints its environment (forked from the warm engine by the worker) shows
     # no credential; the home holds it in one file only (its database aside).
-    printed = run_env_batch(stack, tmp_path)
+    printed = run_env_batch(stack, tmp_path, (secret, encoded))
     assert "SIERRA_PREFECT_RUN=" in printed  # it did print its environment
     assert secret not in printed and "AUTH_STRING" not in printed
     holders = [p for p in stack.home.rglob("*") if p.is_file() and not p.name.startswith("prefect.db")
@@ -477,7 +518,7 @@ def test_explicit_credential_wins_and_a_server_with_another_or_none_is_refused(t
         version = f"{stack.api_url}/admin/version"
         assert httpx.get(version, headers=basic_auth(explicit), timeout=10).status_code == 200
         # The worker got the user's variables but not the one holding the credential.
-        printed = run_env_batch(stack, tmp_path)
+        printed = run_env_batch(stack, tmp_path, (explicit,))
         assert "SIM_ORDINARY=reaches-the-run" in printed
         assert explicit not in printed and "LEAKY_COPY" not in printed
 
@@ -554,7 +595,7 @@ def test_database_url_reaches_the_server_only_and_runs_get_the_rest(postgres: Po
             worker_env = "\0".join(f"{k}={v}" for k, v in psutil.Process(pid).environ().items())
             assert password not in worker_env, "a client process holds the database password"
 
-        printed = run_env_batch(stack, tmp_path)
+        printed = run_env_batch(stack, tmp_path, (password, stack.auth_string))
         for wanted in ("LD_LIBRARY_PATH=/opt/argos3/lib", "ARGOS_PLUGIN_PATH=/opt/argos3/plugins",
                        "ROS_PACKAGE_PATH=/opt/ros/noetic/share", "SIM_ORDINARY=reaches-the-run"):
             assert wanted in printed
