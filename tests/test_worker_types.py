@@ -27,18 +27,19 @@ import pytest
 
 from sierra_prefect.worker import wake_workers
 from tests.docker_support import SESSION_ID, TEST_REPO, WORKER_IMAGE, docker
-from tests.helpers import base_env, make_batch, sierra_prefect, wait_until
+from tests.helpers import StackHandle, base_env, make_batch, sierra_prefect, wait_until
 
 POLL_SECONDS = 120  # the stack's worker polls this rarely: a prompt pick-up is a wake-up
 REFUSED = "refused by the worker: "
 
 
 @contextmanager
-def prefect_client(api_url: str):
+def prefect_client(api_url: str, auth_string: str):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth_string}), \
+            get_client(sync_client=True) as client:
         yield client
 
 
@@ -85,7 +86,7 @@ def test_process_pool_refuses_overrides_before_anything_runs(slow_stack, tmp_pat
         "env": ({"env": {"LD_PRELOAD": str(tmp_path / "evil.so")}}, ["job variable 'env.LD_PRELOAD'"]),
         "working_dir": ({"working_dir": "/"}, ["job variable 'working_dir'"]),
     }
-    with prefect_client(api_url) as client:
+    with prefect_client(api_url, StackHandle(home, env, api_url).auth_string) as client:
         stock = client.read_deployment_by_name("sierra/local")
         # A deployment of its own that sets the command is refused the same way.
         rogue = client.create_deployment(
@@ -124,7 +125,7 @@ def test_run_wakes_its_worker_and_the_batch_runs(slow_stack, tmp_path):
                                 str(scratch), "--no-resume", "--json", env=env, timeout=120)
         assert result.returncode == 0, result.stderr
         flow_run_id = UUID(json.loads(result.stdout)["flow_run_id"])
-        with prefect_client(api_url) as client:
+        with prefect_client(api_url, StackHandle(home, env, api_url).auth_string) as client:
             created = client.read_flow_run(flow_run_id).created
             pending = min(s.timestamp for s in client.read_flow_run_states(flow_run_id)
                           if s.type.value == "PENDING")
@@ -170,7 +171,7 @@ def test_docker_pool_refuses_escapes_and_starts_no_container(docker_stack, tmp_p
         "command": ({"command": "sh -c id"}, ["job variable 'command'"]),
     }
     since = time.time() - 1
-    with prefect_client(docker_stack.api_url) as client:
+    with prefect_client(docker_stack.api_url, docker_stack.auth_string) as client:
         deployment = client.read_deployment_by_name("sierra/dockerremote")
         runs = {}
         for case, (variables, _) in cases.items():
