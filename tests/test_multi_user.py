@@ -364,11 +364,16 @@ def test_each_user_gets_a_stack_of_their_own_closed_to_the_other(owner_stack, us
 
 
 def test_the_credential_is_nowhere_the_other_user_can_read(owner_stack, users):
-    """After the owner's batches: no file of the owner's the other user can read (homes,
+    """After a batch of the owner's: no file of the owner's the other user can read (homes,
     /tmp, batch logs, Prefect's own files), no command line, no environment holds it."""
     secret = owner_stack.credential
     assert secret, NO_CREDENTIAL
     owner, other = users.owner, users.other
+    # A batch of the owner's whose run prints its environment into its log.
+    work = owner.mkdir(owner.home / "work" / "scan")
+    batch = owner.write(work / "batch" / "commands.txt", "env\n").parent
+    ran = owner_stack.cli("run", LOCAL, "--input-root", str(batch), "--scratch-root", str(work / "scratch"))
+    assert ran.returncode == 0, ran.stderr
     needles = (secret.encode(), base64.b64encode(secret.encode()))
     readable = other.probe("find_readable", {"roots": [str(owner.home), "/tmp", "/var/tmp", "/dev/shm"],
                                              "uid": owner.uid})

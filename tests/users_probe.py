@@ -46,10 +46,10 @@ def _outcome(action) -> str:
 
 
 def _read_one(path: str) -> str:
-    target = Path(path)
-    if target.is_dir():
-        return _outcome(lambda: os.listdir(target))
-    return _outcome(lambda: target.open("rb").read(1))
+    # os.path.isdir: False (not an error) where the path cannot even be looked at.
+    if os.path.isdir(path):
+        return _outcome(lambda: os.listdir(path))
+    return _outcome(lambda: Path(path).open("rb").read(1))
 
 
 def read(request: dict) -> dict:
