@@ -22,8 +22,9 @@ node), each with a stack of their own. These fixtures make that real, as root:
     get. Brought down with ``sierra-prefect down`` as the owner.
 ``owner_docker`` (session)
     the owner in the group of the Docker socket (the issue accepts giving the user Docker
-    access for the test) and ``sierra-prefect up --docker`` as the owner: the same stack
-    with a Docker worker. Needs ``docker_engine`` (tests/docker_support.py).
+    access for the test), then ``sierra-prefect down`` and ``up --docker`` as the owner: the
+    same stack (home, credential, database) with a Docker worker. Needs ``docker_engine``
+    (tests/docker_support.py).
 
 Every process a user runs goes through ``LocalUser.run``: that user's uid, gid and groups,
 a clean environment (HOME, PATH with the shared venv first, telemetry off), umask 022, a
@@ -466,13 +467,16 @@ def docker_access(user: LocalUser) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def owner_docker(owner_stack, docker_engine) -> Iterator[UserStack]:
-    """The owner's stack with a Docker worker (``up --docker`` as the owner)."""
+    """The owner's stack with a Docker worker: given Docker access, the owner restarts the
+    stack (``down``, then ``up --docker``), as someone just added to a group logs in again:
+    processes started before (the warm engine, which forks ``run``) lack the group."""
     from tests.docker_support import BASE_IMAGE
 
     with docker_access(owner_stack.user):
         env = {**owner_stack.env, "SIERRA_PREFECT_BASE_IMAGE": BASE_IMAGE}
         start = time.monotonic()
+        bring_down(owner_stack)
         stack = bring_up(owner_stack.user, "--docker", env=env, timeout=900)
-        print(f"\n[users] {owner_stack.user.name}'s Docker worker up "
+        print(f"\n[users] {owner_stack.user.name}'s stack restarted with a Docker worker "
               f"({time.monotonic() - start:.0f} s)")
         yield stack
