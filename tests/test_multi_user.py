@@ -392,9 +392,10 @@ def test_the_credential_is_nowhere_the_other_user_can_read(owner_stack, users):
 
 
 def _identity_batch(owner: LocalUser, name: str, runs: int = 4):
-    """Runs that write who they ran as and whether in a container."""
+    """Runs that write who they ran as and whether in a container, under the batch
+    directory (mounted in the container, as the input root)."""
     work = owner.mkdir(owner.home / "work" / name)
-    out = work / "out"
+    out = work / "batch" / "out"
     commands, outputs = [], []
     for k in range(runs):
         target = out / f"run{k}"
@@ -411,7 +412,7 @@ def test_with_host_user_every_output_and_log_is_the_owners(owner_docker, users):
     batch, scratch, out, outputs = _identity_batch(owner, "docker-host-user")
     result = owner_docker.cli("run", DOCKER, "--input-root", str(batch), "--scratch-root", str(scratch),
                               "--host-user", "--max-parallel", "2", "--json", timeout=600)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
     summary = json.loads(result.stdout)
     assert (summary["total"], summary["succeeded"]) == (4, 4), summary
     for output in outputs:
