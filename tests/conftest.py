@@ -3,7 +3,7 @@
 ``stack`` is one embedded stack (server + pools + deployments + process worker) for the
 whole session, in a temp SIERRA_PREFECT_HOME on a free loopback port; tests that don't
 disturb it share it. ``fresh_stack`` gives a test its own stack to break. The Docker,
-PostgreSQL and SIERRA fixtures come from the support plugins below.
+PostgreSQL, SIERRA and real-user fixtures come from the support plugins below.
 Nothing here kills by name: stacks are brought down with ``sierra-prefect down``.
 """
 
@@ -13,7 +13,8 @@ import pytest
 
 from tests.helpers import StackHandle, bring_up
 
-pytest_plugins = ["tests.docker_support", "tests.postgres_support", "tests.ci_support"]
+pytest_plugins = ["tests.docker_support", "tests.postgres_support", "tests.ci_support",
+                  "tests.users_support"]
 
 
 @pytest.fixture(scope="session")
