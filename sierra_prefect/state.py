@@ -49,10 +49,15 @@ class StackState(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> StackState:
-        if not path.exists():
-            return cls()
         try:
             return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except PermissionError as exc:
+            raise ShimError(
+                f"'{path}' belongs to another user's stack: use your own home "
+                "(SIERRA_PREFECT_HOME, --home) or PREFECT_API_URL with your own server"
+            ) from exc
         except (OSError, ValidationError, ValueError) as exc:
             raise ShimError(
                 f"state file '{path}' is unreadable ({exc.__class__.__name__}): move it "
