@@ -257,6 +257,16 @@ def span(intervals: list[tuple[float, float]]) -> float:
     return max(e for _, e in intervals) - min(s for s, _ in intervals)
 
 
+def run_cli(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``argv`` to its end, bounded: past ``timeout`` the CLI is killed (returncode None);
+    the flow run it started ends with the stack's ``down``."""
+    try:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, None, "", f"did not exit within {timeout:.0f} s")
+
+
 # -- process trees -------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from benchmarks.common import (
     log,
     max_at_once,
     read_intervals,
+    run_cli,
     span,
     wait_server_quiet,
     write_batch,
@@ -146,12 +147,7 @@ def _ours(stack: Stack, batch: Path, scratch: Path, cpus: int, cores_per_run: in
             "--max-parallel", str(cpus), "--cores-per-run", str(cores_per_run), "--no-resume",
             "--json"]
     start = time.perf_counter()
-    try:
-        result = subprocess.run(argv, env=stack.env, capture_output=True, text=True,
-                                timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        # Bounded: the CLI is killed; its flow run ends with the stack's `down`.
-        result = subprocess.CompletedProcess(argv, None, "", f"did not exit within {timeout:.0f} s")
+    result = run_cli(argv, stack.env, timeout)
     sample: dict = {"wall": time.perf_counter() - start, "exit_code": result.returncode,
                     "ok": result.returncode == 0}
     try:

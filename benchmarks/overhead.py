@@ -38,6 +38,7 @@ from benchmarks.common import (
     flow_run_timeline,
     log,
     prefect_api,
+    run_cli,
     stack_memory_roots,
     wait_server_quiet,
     write_batch,
@@ -95,12 +96,7 @@ def run_batch(stack: Stack, api_url: str, batch: Path, scratch: Path, n: int, ca
             "--no-resume", "--json"]
     with RssSampler(stack_memory_roots(stack.pids), interval=0.1) as sampler:
         start = time.perf_counter()
-        try:
-            result = subprocess.run(argv, env=stack.env, capture_output=True, text=True,
-                                    timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            # Bounded: the CLI is killed; the flow run it started ends with the stack's `down`.
-            result = subprocess.CompletedProcess(argv, None, "", f"did not exit within {timeout:.0f} s")
+        result = run_cli(argv, stack.env, timeout)
         wall = time.perf_counter() - start
     peaks = sampler.mib()
     done = done_markers(scratch)
