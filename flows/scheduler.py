@@ -192,6 +192,8 @@ class Scheduler(Generic[Run, Result]):
                 again = (result is not None and placement.attempt <= self.retries
                          and not self._stopping.is_set() and failed(result))
                 self._retrying += again
+                if not again:  # its last attempt: forget it (a batch may hold 20,000 runs)
+                    self._attempts.pop(id(run), None)
                 self._room.notify_all()
         if again:
             try:

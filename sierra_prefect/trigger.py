@@ -38,7 +38,7 @@ from flows.plan import (
     batch_tag,
     check_roots,
     is_done,
-    plan_runs,
+    iter_runs,
     prepare_scratch,
     read_commands,
 )
@@ -155,7 +155,7 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
     """Validate the roots and commands.txt; return (runs, runs already done)."""
     try:
         inp, scratch = check_roots(trigger.input_root, trigger.scratch_root)
-        runs = plan_runs(inp, read_commands(inp))
+        commands = read_commands(inp)
         # The flow creates it too; creating it here means a Docker bind mount of it is ours.
         prepare_scratch(scratch)
     except BatchInputError as exc:
@@ -168,8 +168,9 @@ def plan_locally(trigger: Trigger) -> tuple[int, int]:
         raise ShimError(f"--run-timeout {trigger.run_timeout} is not positive: pass seconds > 0")
     check_resources(trigger.cores_per_run, trigger.memory_per_run, trigger.retries,
                     trigger.retry_delay)
-    done = sum(is_done(scratch, r) for r in runs) if trigger.resume else 0
-    return len(runs), done
+    # Counted one run at a time: a batch of 20,000 is never held here as runs.
+    done = sum(is_done(scratch, r) for r in iter_runs(inp, commands)) if trigger.resume else 0
+    return len(commands), done
 
 
 def check_resources(cores_per_run: int | None = None, memory_per_run: str | None = None,

@@ -230,3 +230,53 @@ def test_stop_admits_nothing_more_and_retries_nothing():
     scheduler.run([0, 1, 2], execute=execute, on_done=lambda run, result: None,
                   on_error=lambda run, exc: exc, failed=lambda result: True)
     assert attempts == [(0, 1)]
+
+
+def test_a_vfork_child_is_not_counted_twice(tmp_path):
+    """glibc's posix_spawn (like Python's subprocess) runs the child in the parent's
+    address space until exec; a file action that opens a FIFO holds it there, so the
+    tree's memory must count that child as nothing, not as a second copy of the parent."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from flows.resources import borrows_parent_memory, process_tree, rss, tree_sum
+    from tests.helpers import wait_until
+
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    # Another process spawns: posix_spawn keeps the GIL, and the child waits for us.
+    spawner = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys; pid = os.posix_spawn('/bin/true', ['true'], {}, file_actions=["
+        "(os.POSIX_SPAWN_OPEN, 3, sys.argv[1], os.O_RDONLY, 0)]); os.waitpid(pid, 0)"),
+        str(fifo)])
+    parent = psutil.Process(spawner.pid)
+    try:
+        child = wait_until(lambda: parent.children(), 20, "the spawned child")[0]
+        assert borrows_parent_memory(child)
+        assert not borrows_parent_memory(parent)
+        assert tree_sum([parent, child], rss) < 1.5 * rss(parent)  # not twice the parent
+        assert tree_sum(process_tree(spawner.pid), rss) < 1.5 * rss(parent)
+    finally:
+        def release() -> bool:  # the child's open returns: it execs and exits
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: not waiting on it yet
+                return spawner.poll() is not None
+            return True
+
+        wait_until(release, 20, "the spawned child to open the FIFO", interval=0.05)
+        try:
+            spawner.wait(20)
+        finally:
+            if spawner.poll() is None:
+                spawner.kill()
+                spawner.wait()
+    sleeper = psutil.Popen(["sleep", "5"])
+    try:
+        assert not borrows_parent_memory(sleeper)  # after exec: its own memory, counted
+    finally:
+        sleeper.kill()
+        sleeper.wait()
