@@ -1,0 +1,199 @@
+"""SIERRA's stage 2 inside a real SLURM allocation, on the allocation's own workers.
+
+A single-node SLURM cluster (tests/slurm_support.py: munged, slurmctld, slurmd on loopback)
+and the session's stack (server + credential, its own local worker on ``sierra-pool``). The
+job script is the README's ("On a SLURM cluster"): ``sierra-prefect slurm workers &``, then
+SIERRA with ``--execenv prefectdeploy.slurm``. The test submits it with ``sbatch`` and
+checks, after the job ended:
+
+- SIERRA exited 0 inside the job, and every run's output is there;
+- every run ran under the allocation's worker step (SLURM_JOB_ID and SLURM_STEP_ID as the
+  run saw them), its flow run went to the allocation's queue on ``sierra-slurm-pool``, and
+  the stack's own worker took nothing;
+- cores per run = SLURM_CPUS_PER_TASK: each run's CPU affinity and OMP_NUM_THREADS;
+- no process of the allocation is left once the job ended (the worker's pids, and any
+  process carrying the job's SLURM_JOB_ID), and its queue is gone.
+
+And the failing case: a job whose stack has no credential gets one line from the worker
+and from SIERRA, SIERRA exits non-zero, and no run ran.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from flows.plan import batch_tag
+from sierra_prefect.slurm import POOL
+from tests import sierra_support as ss
+from tests.helpers import wait_until
+from tests.slurm_support import SlurmCluster
+
+pytestmark = [pytest.mark.sierra, pytest.mark.slow]
+
+N_EXPERIMENTS, N_RUNS = 2, 2
+CPUS_PER_TASK = 2  # every run gets 2 CPUs; this machine has 2 (runs go one at a time)
+WORKER_LINE = re.compile(r"slurm worker (\S+) \(pid (\d+), worker pid (\d+)\)")
+
+
+def job_script(path: Path, sierra_argv: list[str]) -> Path:
+    """The README's job script, with the venv on PATH from the submitting environment
+    (the README activates it) and SIERRA as ``python -m sierra.main``."""
+    path.write_text(f"""#!/bin/bash
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task={CPUS_PER_TASK}
+sierra-prefect slurm workers &
+{shlex.join(sierra_argv)}
+status=$?
+echo "sierra exited $status"
+exit $status
+""")
+    return path
+
+
+def _flow_runs(stack, root: Path) -> list[dict]:
+    tags = {batch_tag(str(c.parent)) for c in root.rglob("commands.txt")}
+    reply = httpx.post(f"{stack.api_url}/flow_runs/filter", timeout=30, headers=stack.headers,
+                       json={"flow_runs": {"tags": {"any_": sorted(tags)}}})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def _queues(stack) -> list[str]:
+    reply = httpx.post(f"{stack.api_url}/work_pools/{POOL}/queues/filter", timeout=30,
+                       headers=stack.headers, json={})
+    reply.raise_for_status()
+    return [q["name"] for q in reply.json()]
+
+
+def _job_processes(job: str) -> list[psutil.Process]:
+    """Processes whose environment says they belong to SLURM job ``job``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _gone(pid: int, started: float | None) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - started) > 0.01 if started else False
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Path,
+            paradigm: str) -> tuple[str, Path]:
+    argv = ss.sierra_argv(root, execenv="prefectdeploy.slurm", paradigm=paradigm,
+                          n_runs=N_RUNS, n_experiments=N_EXPERIMENTS,
+                          extra_args=["--exec-strict", "--toysim-duration", "1"])
+    script = job_script(tmp_path / "job.sh", argv)
+    output = tmp_path / "job.out"
+    job = cluster.sbatch(script, ss.sierra_env(base=env), "--output", str(output))
+    return job, output
+
+
+def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_path):
+    root = tmp_path / "sierra-root"
+    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, "per-batch")
+
+    # While the job runs: note the allocation's worker processes (pid and start time).
+    pids: dict[int, float | None] = {}
+
+    def worker_started():
+        text = output.read_text(errors="replace") if output.exists() else ""
+        match = WORKER_LINE.search(text)
+        if match:
+            for pid in map(int, match.group(2, 3)):
+                try:
+                    pids[pid] = psutil.Process(pid).create_time()
+                except psutil.NoSuchProcess:
+                    pids[pid] = None
+        return match or slurm_cluster.job_state(job)[0] in {"COMPLETED", "FAILED", "CANCELLED"}
+
+    wait_until(worker_started, 120, f"the worker of job {job} to start (output {output})")
+    state, code = slurm_cluster.wait_job_done(job)
+    text = output.read_text(errors="replace")
+    assert (state, code) == ("COMPLETED", "0:0"), f"job {job}: {state} {code}\n{text[-4000:]}"
+    assert "sierra exited 0" in text, text[-4000:]
+    match = WORKER_LINE.search(text)
+    assert match, text[-4000:]
+    worker_name = match.group(1)
+    assert worker_name.startswith(f"slurm-{job}-"), worker_name
+    assert f"Cores per experimental run: {CPUS_PER_TASK} (SLURM_CPUS_PER_TASK)" in text, text[-4000:]
+
+    # Every run done, each by the allocation's worker step, on the run's own 2 CPUs.
+    batch = ss.expected_batch_root(root, N_EXPERIMENTS)
+    assert ss.missing_outputs(batch) == []
+    runs = ss.run_resources(batch)
+    assert len(runs) == N_EXPERIMENTS * N_RUNS
+    want = min(CPUS_PER_TASK, len(os.sched_getaffinity(0)))
+    for run in runs:
+        assert run["slurm_job_id"] == job, run
+        assert run["slurm_step_id"] is not None and run["slurm_step_id"] != "batch", run
+        assert len(run["cpus_allowed"]) == want, run
+        assert run["sched_getaffinity"] == run["cpus_allowed"], run
+        assert run["omp_num_threads"] == str(CPUS_PER_TASK), run
+    # One step ran them all: the worker's (srun's step, not the batch script).
+    assert len({run["slurm_step_id"] for run in runs}) == 1, runs
+
+    # The flow run went to the allocation's queue of sierra-slurm-pool (the stack's own
+    # worker polls sierra-pool only), with the allocation's cores per run.
+    (flow_run,) = _flow_runs(stack, root)
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    # Prefect labels the flow run with the worker that took it; the queue keeps its name
+    # after the allocation's queue is deleted.
+    assert flow_run["labels"].get("prefect.worker.name") == worker_name, flow_run["labels"]
+    assert flow_run["labels"].get("prefect.work-pool.name") == POOL, flow_run["labels"]
+    assert flow_run["work_queue_name"] == f"slurm-{job}", flow_run
+    assert flow_run["parameters"].get("cores_per_run") == CPUS_PER_TASK, flow_run["parameters"]
+    infra = str(flow_run.get("infrastructure_pid") or "")
+    assert infra, flow_run
+    # Its process was started by the allocation's worker: a pid that no longer runs (it
+    # ended with the job), not the stack's worker, which still runs.
+    stack_workers = set(stack.status().get("pids", {}).get("workers") or [])
+    assert int(infra.rsplit(":", 1)[-1]) not in stack_workers, (infra, stack_workers)
+
+    # After the job: nothing of the allocation runs, and its queue was removed.
+    assert pids, "the worker's pids were not seen while the job ran"
+    wait_until(lambda: all(_gone(pid, t) for pid, t in pids.items()), 60,
+               f"the worker processes {sorted(pids)} of job {job} to exit")
+    wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
+    assert f"slurm-{job}" not in _queues(stack)
+
+
+def test_no_credential_fails_in_one_line(slurm_cluster, stack, tmp_path):
+    """A job whose SIERRA_PREFECT_HOME knows the server but has no credential: the worker
+    says so in one line and exits, SIERRA stops before stage 2 with that line, no run ran."""
+    home = tmp_path / "home-without-credential"
+    home.mkdir(mode=0o700)
+    (home / "stack.json").write_text((stack.home / "stack.json").read_text())
+    env = {**stack.env, "SIERRA_PREFECT_HOME": str(home)}
+    env.pop("SIERRA_PREFECT_AUTH_STRING", None)
+    root = tmp_path / "sierra-root"
+    job, output = _submit(slurm_cluster, tmp_path, env, root, "per-batch")
+    state, code = slurm_cluster.wait_job_done(job)
+    text = output.read_text(errors="replace")
+    assert state == "FAILED" and code != "0:0", f"job {job}: {state} {code}\n{text[-4000:]}"
+    error = f"sierra-prefect: error: no credential for the Prefect server at {stack.api_url}"
+    worker_errors = [ln for ln in text.splitlines() if ln.startswith(error)]
+    assert len(worker_errors) == 1, text[-4000:]
+    assert str(home / "auth-string") in worker_errors[0]
+    # SIERRA's stage 2 stops with the check's line, no traceback.
+    assert re.search(r"--execenv=prefectdeploy\.slurm: .*no credential for the Prefect server",
+                     text), text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    assert "sierra exited 0" not in text
+    batch = ss.expected_batch_root(root, N_EXPERIMENTS)
+    assert ss.missing_outputs(batch) == ss.expected_outputs(batch)
+    wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
