@@ -20,7 +20,7 @@ and from SIERRA, SIERRA exits non-zero, and no run ran.
 
 from __future__ import annotations
 
-import os
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -29,6 +29,7 @@ import httpx
 import psutil
 import pytest
 
+from benchmarks.common import max_at_once
 from flows.plan import batch_tag
 from sierra_prefect.slurm import POOL
 from tests import sierra_support as ss
@@ -38,17 +39,21 @@ from tests.slurm_support import SlurmCluster
 pytestmark = [pytest.mark.sierra, pytest.mark.slow]
 
 N_EXPERIMENTS, N_RUNS = 2, 2
-CPUS_PER_TASK = 2  # every run gets 2 CPUs; this machine has 2 (runs go one at a time)
+# Job shapes: (tasks per node, CPUs per task). SIERRA's hpc.slurm reads a task as one run
+# at a time and CPUs per task as one run's cores. On this 2-CPU machine: one run at a time
+# on both CPUs, or two at once on one CPU each (the worker gets the node's whole share).
+SHAPES = {"per-batch": (1, 2), "per-exp": (2, 1)}
+RUN_SECONDS = "1.5"  # long enough that runs started together overlap on a loaded machine
 WORKER_LINE = re.compile(r"slurm worker (\S+) \(pid (\d+), worker pid (\d+)\)")
 
 
-def job_script(path: Path, sierra_argv: list[str]) -> Path:
+def job_script(path: Path, sierra_argv: list[str], tasks: int, cpus: int) -> Path:
     """The README's job script, with the venv on PATH from the submitting environment
     (the README activates it) and SIERRA as ``python -m sierra.main``."""
     path.write_text(f"""#!/bin/bash
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task={CPUS_PER_TASK}
+#SBATCH --ntasks-per-node={tasks}
+#SBATCH --cpus-per-task={cpus}
 sierra-prefect slurm workers &
 {shlex.join(sierra_argv)}
 status=$?
@@ -96,16 +101,38 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Pa
             paradigm: str) -> tuple[str, Path]:
     argv = ss.sierra_argv(root, execenv="prefectdeploy.slurm", paradigm=paradigm,
                           n_runs=N_RUNS, n_experiments=N_EXPERIMENTS,
-                          extra_args=["--exec-strict", "--toysim-duration", "1"])
-    script = job_script(tmp_path / "job.sh", argv)
+                          extra_args=["--exec-strict", "--toysim-duration", RUN_SECONDS])
+    script = job_script(tmp_path / "job.sh", argv, *SHAPES[paradigm])
     output = tmp_path / "job.out"
     job = cluster.sbatch(script, ss.sierra_env(base=env), "--output", str(output))
     return job, output
 
 
-def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_path):
+def _check_flow_run(flow_run: dict, job: str, worker_name: str, cores: int, stack) -> None:
+    """The flow run went to the allocation's queue of sierra-slurm-pool and its worker took
+    it (the stack's own worker polls sierra-pool only), with the allocation's cores per run."""
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    # Prefect labels the flow run with the worker that took it; the queue keeps its name
+    # after the allocation's queue is deleted.
+    assert flow_run["labels"].get("prefect.worker.name") == worker_name, flow_run["labels"]
+    assert flow_run["labels"].get("prefect.work-pool.name") == POOL, flow_run["labels"]
+    assert flow_run["work_queue_name"] == f"slurm-{job}", flow_run
+    assert flow_run["parameters"].get("cores_per_run") == cores, flow_run["parameters"]
+    infra = str(flow_run.get("infrastructure_pid") or "")
+    assert infra, flow_run
+    # Its process was started by the allocation's worker: a pid that no longer runs (it
+    # ended with the job), not the stack's worker, which still runs.
+    stack_workers = set(stack.status().get("pids", {}).get("workers") or [])
+    assert int(infra.rsplit(":", 1)[-1]) not in stack_workers, (infra, stack_workers)
+
+
+@pytest.mark.parametrize("paradigm", SHAPES)
+def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_path, paradigm):
+    tasks, cpus_per_task = SHAPES[paradigm]
+    if tasks * cpus_per_task > slurm_cluster.cpus:
+        pytest.skip(f"the job needs {tasks * cpus_per_task} CPUs, this machine has {slurm_cluster.cpus}")
     root = tmp_path / "sierra-root"
-    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, "per-batch")
+    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, paradigm)
 
     # While the job runs: note the allocation's worker processes (pid and start time).
     pids: dict[int, float | None] = {}
@@ -130,39 +157,34 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
     assert match, text[-4000:]
     worker_name = match.group(1)
     assert worker_name.startswith(f"slurm-{job}-"), worker_name
-    assert f"Cores per experimental run: {CPUS_PER_TASK} (SLURM_CPUS_PER_TASK)" in text, text[-4000:]
+    assert f"Cores per experimental run: {cpus_per_task} (SLURM_CPUS_PER_TASK)" in text, text[-4000:]
 
-    # Every run done, each by the allocation's worker step, on the run's own 2 CPUs.
+    # Every run done, each by the allocation's worker step, on CPUs of its own.
     batch = ss.expected_batch_root(root, N_EXPERIMENTS)
     assert ss.missing_outputs(batch) == []
     runs = ss.run_resources(batch)
     assert len(runs) == N_EXPERIMENTS * N_RUNS
-    want = min(CPUS_PER_TASK, len(os.sched_getaffinity(0)))
     for run in runs:
         assert run["slurm_job_id"] == job, run
         assert run["slurm_step_id"] is not None and run["slurm_step_id"] != "batch", run
-        assert len(run["cpus_allowed"]) == want, run
+        assert len(run["cpus_allowed"]) == cpus_per_task, run
         assert run["sched_getaffinity"] == run["cpus_allowed"], run
-        assert run["omp_num_threads"] == str(CPUS_PER_TASK), run
+        assert run["omp_num_threads"] == str(cpus_per_task), run
     # One step ran them all: the worker's (srun's step, not the batch script).
     assert len({run["slurm_step_id"] for run in runs}) == 1, runs
+    # As many at once as the job's tasks per node (its CPUs // cores per run), never sharing
+    # a CPU: the worker got all the job's CPUs on the node, not one task's.
+    assert max_at_once((r["start"], r["end"]) for r in runs) == tasks, runs
+    for a, b in itertools.combinations(runs, 2):
+        if a["start"] < b["end"] and b["start"] < a["end"]:
+            assert not set(a["cpus_allowed"]) & set(b["cpus_allowed"]), (a, b)
 
     # The flow run went to the allocation's queue of sierra-slurm-pool (the stack's own
     # worker polls sierra-pool only), with the allocation's cores per run.
-    (flow_run,) = _flow_runs(stack, root)
-    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
-    # Prefect labels the flow run with the worker that took it; the queue keeps its name
-    # after the allocation's queue is deleted.
-    assert flow_run["labels"].get("prefect.worker.name") == worker_name, flow_run["labels"]
-    assert flow_run["labels"].get("prefect.work-pool.name") == POOL, flow_run["labels"]
-    assert flow_run["work_queue_name"] == f"slurm-{job}", flow_run
-    assert flow_run["parameters"].get("cores_per_run") == CPUS_PER_TASK, flow_run["parameters"]
-    infra = str(flow_run.get("infrastructure_pid") or "")
-    assert infra, flow_run
-    # Its process was started by the allocation's worker: a pid that no longer runs (it
-    # ended with the job), not the stack's worker, which still runs.
-    stack_workers = set(stack.status().get("pids", {}).get("workers") or [])
-    assert int(infra.rsplit(":", 1)[-1]) not in stack_workers, (infra, stack_workers)
+    flow_runs = _flow_runs(stack, root)
+    assert len(flow_runs) == (N_EXPERIMENTS if paradigm == "per-exp" else 1), flow_runs
+    for flow_run in flow_runs:
+        _check_flow_run(flow_run, job, worker_name, cpus_per_task, stack)
 
     # After the job: nothing of the allocation runs, and its queue was removed.
     assert pids, "the worker's pids were not seen while the job ran"
