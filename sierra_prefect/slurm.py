@@ -32,6 +32,7 @@ files like the others (workpools/, prefect.yaml): nothing is deployed per job.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,10 @@ class Allocation(BaseModel):
                 node_name=env.get("SLURMD_NODENAME") or os.uname().nodename,
                 node_id=int(env.get("SLURM_NODEID") or 0),
                 cpus_per_task=_int_or_none(env.get("SLURM_CPUS_PER_TASK")),
-                cpus_on_node=_int_or_none(env.get("SLURM_CPUS_ON_NODE")),
+                # In a batch script SLURM_CPUS_ON_NODE; in a salloc shell only the job's
+                # CPUs per node ("8(x2)", or "8,4" for uneven nodes: the first node's).
+                cpus_on_node=_int_or_none(env.get("SLURM_CPUS_ON_NODE")
+                                          or env.get("SLURM_JOB_CPUS_PER_NODE")),
             )
         except ValueError as exc:
             raise ShimError(f"SLURM job {job_id}: unexpected SLURM variables ({exc}): is this "
@@ -104,10 +108,13 @@ class Allocation(BaseModel):
 
 
 def _int_or_none(text: str | None) -> int | None:
+    """The leading number of a SLURM value ("2", "8(x2)", "8,4"); None if unset."""
     if not text:
         return None
-    # SLURM_CPUS_ON_NODE is a plain number; be lenient with "2(x3)"-style values.
-    return int(text.split("(")[0])
+    match = re.match(r"\s*(\d+)", text)
+    if match is None:
+        raise ValueError(f"not a number: {text!r}")
+    return int(match.group(1))
 
 
 def queue_for(deployment: str, work_queue: str | None) -> str | None:
@@ -260,8 +267,9 @@ def workers_argv(allocation: Allocation, shim: str) -> list[str]:
         raise ShimError("srun not found on PATH: run this inside a SLURM allocation on a host "
                         "with SLURM's client commands")
     if not allocation.cpus_on_node:
-        raise ShimError(f"SLURM job {allocation.job_id}: SLURM_CPUS_ON_NODE is not set: run "
-                        "this in the job's batch script or salloc shell, not in a job step")
+        raise ShimError(f"SLURM job {allocation.job_id}: neither SLURM_CPUS_ON_NODE nor "
+                        "SLURM_JOB_CPUS_PER_NODE is set: run this in the job's batch script or "
+                        "salloc shell")
     n = str(allocation.num_nodes)
     return [srun, "--nodes", n, "--ntasks", n, "--ntasks-per-node", "1",
             "--cpus-per-task", str(allocation.cpus_on_node), "--kill-on-bad-exit=0",

@@ -18,6 +18,7 @@ Use (the ``slurm_cluster`` fixture does this)::
     cluster = SlurmCluster(tmp_dir)
     cluster.start()                    # returns when the node is idle, within a deadline
     job = cluster.sbatch(script, env)  # the job id
+    proc, job = cluster.salloc(script, env, output, "--cpus-per-task=2")  # salloc bash SCRIPT
     cluster.wait_job_done(job)         # its final state and exit code
     cluster.stop()
 """
@@ -80,6 +81,7 @@ class SlurmCluster:
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
         self.jobs: list[str] = []
+        self.sallocs: list[subprocess.Popen] = []
 
     @property
     def env(self) -> dict[str, str]:
@@ -176,6 +178,9 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel the jobs this cluster ran that still run, then stop the daemons we started,
         by pid (slurmd last but one: it ends its job steps; munged last)."""
+        for proc in self.sallocs:  # ours, by pid: its shell ends with it
+            if proc.poll() is None:
+                terminate([psutil.Process(proc.pid)], grace=20)
         for job in self.jobs:
             if self.job_state(job)[0] not in FINAL_STATES:
                 subprocess.run(["scancel", job], env=self.client_env(), capture_output=True, timeout=30)
@@ -201,6 +206,26 @@ class SlurmCluster:
         job = result.stdout.strip().split(";")[0]
         self.jobs.append(job)
         return job
+
+    def salloc(self, script: Path, env: dict[str, str], output: Path,
+               *options: str) -> tuple[subprocess.Popen, str]:
+        """``salloc OPTIONS bash SCRIPT`` in the background (as a user types it, the shell
+        then runs on this host, the job steps on the node), all output to ``output``; the
+        process and the job id (from salloc's "Granted job allocation N")."""
+        with open(output, "wb") as out:
+            proc = subprocess.Popen(["salloc", *options, "bash", str(script)], env={**env, **self.env},
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=script.parent, start_new_session=True)
+        self.sallocs.append(proc)
+
+        def granted():
+            if proc.poll() is not None and proc.returncode != 0:
+                raise AssertionError(f"salloc exited {proc.returncode}: {output.read_text()}")
+            return re.search(r"Granted job allocation (\d+)", output.read_text(errors="replace"))
+
+        job = wait_until(granted, START_DEADLINE, f"salloc's allocation (output {output})").group(1)
+        self.jobs.append(job)
+        return proc, job
 
     def job_state(self, job: str) -> tuple[str, str]:
         """(JobState, ExitCode) as scontrol shows them, e.g. ("COMPLETED", "0:0")."""

@@ -43,6 +43,8 @@ N_EXPERIMENTS, N_RUNS = 2, 2
 # at a time and CPUs per task as one run's cores. On this 2-CPU machine: one run at a time
 # on both CPUs, or two at once on one CPU each (the worker gets the node's whole share).
 SHAPES = {"per-batch": (1, 2), "per-exp": (2, 1)}
+# sbatch for one, salloc (a shell on this, the "login" host, steps on the node) for the other.
+HOW = {"per-batch": "sbatch", "per-exp": "salloc"}
 RUN_SECONDS = "1.5"  # long enough that runs started together overlap on a loaded machine
 WORKER_LINE = re.compile(r"slurm worker (\S+) \(pid (\d+), worker pid (\d+)\)")
 
@@ -98,13 +100,20 @@ def _gone(pid: int, started: float | None) -> bool:
 
 
 def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Path,
-            paradigm: str) -> tuple[str, Path]:
+            paradigm: str, how: str = "sbatch") -> tuple[str, Path]:
+    """The job script through ``sbatch``, or through ``salloc`` (``salloc OPTIONS bash
+    job.sh``: the script's commands in the salloc shell, as typed at a prompt)."""
+    tasks, cpus = SHAPES[paradigm]
     argv = ss.sierra_argv(root, execenv="prefectdeploy.slurm", paradigm=paradigm,
                           n_runs=N_RUNS, n_experiments=N_EXPERIMENTS,
                           extra_args=["--exec-strict", "--toysim-duration", RUN_SECONDS])
-    script = job_script(tmp_path / "job.sh", argv, *SHAPES[paradigm])
+    script = job_script(tmp_path / "job.sh", argv, tasks, cpus)
     output = tmp_path / "job.out"
-    job = cluster.sbatch(script, ss.sierra_env(base=env), "--output", str(output))
+    if how == "salloc":
+        _, job = cluster.salloc(script, ss.sierra_env(base=env), output, "--nodes=1",
+                                f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}")
+    else:
+        job = cluster.sbatch(script, ss.sierra_env(base=env), "--output", str(output))
     return job, output
 
 
@@ -132,7 +141,7 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
     if tasks * cpus_per_task > slurm_cluster.cpus:
         pytest.skip(f"the job needs {tasks * cpus_per_task} CPUs, this machine has {slurm_cluster.cpus}")
     root = tmp_path / "sierra-root"
-    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, paradigm)
+    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, paradigm, HOW[paradigm])
 
     # While the job runs: note the allocation's worker processes (pid and start time).
     pids: dict[int, float | None] = {}

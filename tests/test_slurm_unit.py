@@ -68,9 +68,14 @@ def test_workers_get_the_whole_node_share_not_one_task(tmp_path, monkeypatch):
     assert argv == [str(srun), "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
                     "--cpus-per-task", "8", "--kill-on-bad-exit=0",
                     "/venv/bin/sierra-prefect", "slurm", "worker"]
-    in_a_step = {k: v for k, v in BATCH_ENV.items() if k != "SLURM_CPUS_ON_NODE"}
-    with pytest.raises(ShimError, match="SLURM_CPUS_ON_NODE is not set"):
-        workers_argv(Allocation.from_environment(in_a_step), "/venv/bin/sierra-prefect")
+    # A salloc shell has no SLURM_CPUS_ON_NODE, only the job's CPUs per node.
+    salloc = {k: v for k, v in BATCH_ENV.items() if k != "SLURM_CPUS_ON_NODE"}
+    salloc["SLURM_JOB_CPUS_PER_NODE"] = "6(x2)"
+    argv = workers_argv(Allocation.from_environment(salloc), "/venv/bin/sierra-prefect")
+    assert argv[argv.index("--cpus-per-task") + 1] == "6"
+    del salloc["SLURM_JOB_CPUS_PER_NODE"]
+    with pytest.raises(ShimError, match="neither SLURM_CPUS_ON_NODE nor SLURM_JOB_CPUS_PER_NODE"):
+        workers_argv(Allocation.from_environment(salloc), "/venv/bin/sierra-prefect")
 
 
 def test_run_sends_sierra_slurm_to_the_allocations_queue(in_allocation):
