@@ -12,7 +12,8 @@ checks, after the job ended:
   the stack's own worker took nothing;
 - cores per run = SLURM_CPUS_PER_TASK: each run's CPU affinity and OMP_NUM_THREADS;
 - no process of the allocation is left once the job ended (the worker's pids, and any
-  process carrying the job's SLURM_JOB_ID), and its queue is gone.
+  process carrying the job's SLURM_JOB_ID), and its queue is gone; also after ``scancel``
+  in the middle of a run.
 
 And the failing case: a job whose stack has no credential gets one line from the worker
 and from SIERRA, SIERRA exits non-zero, and no run ran.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -100,13 +102,13 @@ def _gone(pid: int, started: float | None) -> bool:
 
 
 def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Path,
-            paradigm: str, how: str = "sbatch") -> tuple[str, Path]:
+            paradigm: str, how: str = "sbatch", seconds: str = RUN_SECONDS) -> tuple[str, Path]:
     """The job script through ``sbatch``, or through ``salloc`` (``salloc OPTIONS bash
     job.sh``: the script's commands in the salloc shell, as typed at a prompt)."""
     tasks, cpus = SHAPES[paradigm]
     argv = ss.sierra_argv(root, execenv="prefectdeploy.slurm", paradigm=paradigm,
                           n_runs=N_RUNS, n_experiments=N_EXPERIMENTS,
-                          extra_args=["--exec-strict", "--toysim-duration", RUN_SECONDS])
+                          extra_args=["--exec-strict", "--toysim-duration", seconds])
     script = job_script(tmp_path / "job.sh", argv, tasks, cpus)
     output = tmp_path / "job.out"
     if how == "salloc":
@@ -201,6 +203,40 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
                f"the worker processes {sorted(pids)} of job {job} to exit")
     wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
     assert f"slurm-{job}" not in _queues(stack)
+
+
+def test_scancel_mid_batch_leaves_nothing_running(slurm_cluster, stack, tmp_path):
+    """``scancel`` while a run runs: SLURM ends the job, and with it the worker, the flow
+    run and the experimental run (every process of the job, by pid); the run's logs stay."""
+    root = tmp_path / "sierra-root"
+    job, output = _submit(slurm_cluster, tmp_path, stack.env, root, "per-batch", seconds="120")
+
+    def running_run():
+        return [p for p in _job_processes(job)
+                if any(arg.endswith("/toysim.py") for arg in _cmdline(p))]
+
+    wait_until(running_run, 120, f"a run of job {job} to run (output {output})")
+    procs = _job_processes(job)  # the script, SIERRA, the worker, its flow run, the run, ...
+    started = {p.pid: p.create_time() for p in procs}
+    result = subprocess.run(["scancel", job], env=slurm_cluster.client_env(), capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    state, _ = slurm_cluster.wait_job_done(job)
+    assert state == "CANCELLED", state
+    wait_until(lambda: all(_gone(pid, t) for pid, t in started.items()), 60,
+               f"the processes {sorted(started)} of job {job} to end")
+    wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
+    # The run was killed, not finished, and its attempt's logs are kept.
+    logs = list(root.rglob("sierra-prefect/runs/*/attempt-001.stdout"))
+    assert logs, "no run started"
+    assert ss.missing_outputs(ss.expected_batch_root(root, N_EXPERIMENTS))
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
 
 
 def test_no_credential_fails_in_one_line(slurm_cluster, stack, tmp_path):
