@@ -190,6 +190,7 @@ class SlurmWorker:
         self.settings, self.connection, self.allocation, self.say = (
             settings, connection, allocation, say)
         self.proc: subprocess.Popen | None = None
+        self._signalled: int | None = None
 
     def env(self, prefect_home: Path) -> dict[str, str]:
         env = venv_env(self.connection.api_url, self.settings,
@@ -215,11 +216,13 @@ class SlurmWorker:
         except AttributeError:  # not Linux
             cpus = []
         try:
+            for signum in _FORWARDED:
+                signal.signal(signum, self._forward)
             # Same session and process group as us: SLURM's process tracking sees it (and
             # its flow runs) as part of this step.
             self.proc = subprocess.Popen(self.argv(), env=self.env(home), stdin=subprocess.DEVNULL)
-            for signum in _FORWARDED:
-                signal.signal(signum, self._forward)
+            if self._signalled is not None:  # SLURM ended the step while we started it
+                self.proc.send_signal(self._signalled)
             self.say(f"slurm worker {alloc.worker_name} (pid {os.getpid()}, worker pid "
                      f"{self.proc.pid}) on node "
                      f"{alloc.node_name}: pool {POOL}, queue {alloc.queue}, "
@@ -239,6 +242,8 @@ class SlurmWorker:
             shutil.rmtree(home, ignore_errors=True)
 
     def _forward(self, signum: int, _frame) -> None:
+        if signum != signal.SIGCONT:
+            self._signalled = signum
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.send_signal(signum)
