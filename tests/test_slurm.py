@@ -15,8 +15,8 @@ checks, after the job ended:
   process carrying the job's SLURM_JOB_ID), and its queue is gone; also after ``scancel``
   in the middle of a run.
 
-And the failing case: a job whose stack has no credential gets one line from the worker
-and from SIERRA, SIERRA exits non-zero, and no run ran.
+And the failing cases: a job whose stack has no credential, or whose server does not
+answer, gets one line from the worker and from SIERRA, SIERRA exits non-zero, no run ran.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import socket
 import subprocess
 from pathlib import Path
 
@@ -239,28 +240,46 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
-def test_no_credential_fails_in_one_line(slurm_cluster, stack, tmp_path):
-    """A job whose SIERRA_PREFECT_HOME knows the server but has no credential: the worker
-    says so in one line and exits, SIERRA stops before stage 2 with that line, no run ran."""
+def _no_credential(stack, tmp_path: Path) -> tuple[dict[str, str], str]:
+    """A SIERRA_PREFECT_HOME that knows the stack's server but holds no credential."""
     home = tmp_path / "home-without-credential"
     home.mkdir(mode=0o700)
     (home / "stack.json").write_text((stack.home / "stack.json").read_text())
     env = {**stack.env, "SIERRA_PREFECT_HOME": str(home)}
     env.pop("SIERRA_PREFECT_AUTH_STRING", None)
+    return env, (f"no credential for the Prefect server at {stack.api_url}: "
+                 f"{home / 'auth-string'} does not exist")
+
+
+def _no_server(stack, tmp_path: Path) -> tuple[dict[str, str], str]:
+    """The stack's credential, but a server address where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    env = {**stack.env, "PREFECT_API_URL": url, "SIERRA_PREFECT_AUTH_STRING": stack.auth_string}
+    return env, f"Prefect server at {url} is unreachable from node "
+
+
+@pytest.mark.parametrize("broken", [_no_credential, _no_server], ids=["no-credential", "no-server"])
+def test_a_job_without_its_stack_fails_in_one_line(slurm_cluster, stack, tmp_path, broken):
+    """The worker says what is wrong in one line and exits, SIERRA stops before stage 2
+    with one line, the job fails, and no run ran."""
+    env, reason = broken(stack, tmp_path)
     root = tmp_path / "sierra-root"
     job, output = _submit(slurm_cluster, tmp_path, env, root, "per-batch")
     state, code = slurm_cluster.wait_job_done(job)
     text = output.read_text(errors="replace")
     assert state == "FAILED" and code != "0:0", f"job {job}: {state} {code}\n{text[-4000:]}"
-    error = f"sierra-prefect: error: no credential for the Prefect server at {stack.api_url}"
-    worker_errors = [ln for ln in text.splitlines() if ln.startswith(error)]
+    worker_errors = [ln for ln in text.splitlines()
+                     if ln.startswith(f"sierra-prefect: error: {reason}")]
     assert len(worker_errors) == 1, text[-4000:]
-    assert str(home / "auth-string") in worker_errors[0]
-    # SIERRA's stage 2 stops with the check's line, no traceback.
-    assert re.search(r"--execenv=prefectdeploy\.slurm: .*no credential for the Prefect server",
-                     text), text[-4000:]
+    # SIERRA's stage 2 stops with the check's line (the same reason), no traceback.
+    sierra_errors = [ln for ln in text.splitlines()
+                     if ln.startswith("--execenv=prefectdeploy.slurm: ") and reason.split(":")[0] in ln]
+    assert len(sierra_errors) == 1, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
     assert "sierra exited 0" not in text
+    assert stack.auth_string not in text  # the credential is never shown
     batch = ss.expected_batch_root(root, N_EXPERIMENTS)
     assert ss.missing_outputs(batch) == ss.expected_outputs(batch)
     wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
