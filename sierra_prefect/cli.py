@@ -403,8 +403,9 @@ def slurm_check(
         None, metavar="POOL", help="Fail unless the deployment uses this pool."),
     memory_per_run: str | None = typer.Option(
         None, metavar="SIZE", help="Validate a --memory-per-run SIZE (e.g. 2G)."),
-    timeout: float = typer.Option(
-        90.0, metavar="SECONDS", help="How long to wait for one worker per allocated node."),
+    timeout: float | None = typer.Option(
+        None, metavar="SECONDS", help="How long to wait for one worker per allocated node "
+        "(default: SIERRA_PREFECT_SLURM_WORKER_TIMEOUT, 90)."),
 ) -> None:
     """Inside an allocation: the server answers with our credential, DEPLOYMENT is deployed,
     and one worker per allocated node is online on the allocation's queue."""
@@ -418,7 +419,8 @@ def slurm_check(
                          f"SLURM job {allocation.job_id}")
     with connection.client() as client:
         check_deployment(client, connection, deployment, work_pool, console=err)
-    workers = wait_for_workers(connection, allocation, timeout, say=err.print)
+    workers = wait_for_workers(connection, allocation, timeout or settings.slurm_worker_timeout,
+                               say=err.print)
     out.print(f"{deployment} is deployed on {connection.api_url}; workers of SLURM job "
               f"{allocation.job_id} online: {', '.join(workers)}", highlight=False)
 

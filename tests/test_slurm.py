@@ -52,14 +52,15 @@ RUN_SECONDS = "1.5"  # long enough that runs started together overlap on a loade
 WORKER_LINE = re.compile(r"slurm worker (\S+) \(pid (\d+), worker pid (\d+)\)")
 
 
-def job_script(path: Path, sierra_argv: list[str], tasks: int, cpus: int) -> Path:
+def job_script(path: Path, sierra_argv: list[str], tasks: int, cpus: int,
+               workers: bool = True) -> Path:
     """The README's job script, with the venv on PATH from the submitting environment
     (the README activates it) and SIERRA as ``python -m sierra.main``."""
     path.write_text(f"""#!/bin/bash
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node={tasks}
 #SBATCH --cpus-per-task={cpus}
-sierra-prefect slurm workers &
+{"sierra-prefect slurm workers &" if workers else "# (no workers started)"}
 {shlex.join(sierra_argv)}
 status=$?
 echo "sierra exited $status"
@@ -103,14 +104,15 @@ def _gone(pid: int, started: float | None) -> bool:
 
 
 def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Path,
-            paradigm: str, how: str = "sbatch", seconds: str = RUN_SECONDS) -> tuple[str, Path]:
+            paradigm: str, how: str = "sbatch", seconds: str = RUN_SECONDS,
+            workers: bool = True) -> tuple[str, Path]:
     """The job script through ``sbatch``, or through ``salloc`` (``salloc OPTIONS bash
     job.sh``: the script's commands in the salloc shell, as typed at a prompt)."""
     tasks, cpus = SHAPES[paradigm]
     argv = ss.sierra_argv(root, execenv="prefectdeploy.slurm", paradigm=paradigm,
                           n_runs=N_RUNS, n_experiments=N_EXPERIMENTS,
                           extra_args=["--exec-strict", "--toysim-duration", seconds])
-    script = job_script(tmp_path / "job.sh", argv, tasks, cpus)
+    script = job_script(tmp_path / "job.sh", argv, tasks, cpus, workers)
     output = tmp_path / "job.out"
     if how == "salloc":
         _, job = cluster.salloc(script, ss.sierra_env(base=env), output, "--nodes=1",
@@ -283,3 +285,21 @@ def test_a_job_without_its_stack_fails_in_one_line(slurm_cluster, stack, tmp_pat
     batch = ss.expected_batch_root(root, N_EXPERIMENTS)
     assert ss.missing_outputs(batch) == ss.expected_outputs(batch)
     wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
+
+
+def test_forgotten_workers_fail_in_one_line(slurm_cluster, stack, tmp_path):
+    """A job script without `sierra-prefect slurm workers &`: SIERRA waits for the
+    allocation's workers (here 3 s), then stops in one line saying how to start them."""
+    env = {**stack.env, "SIERRA_PREFECT_SLURM_WORKER_TIMEOUT": "3"}
+    root = tmp_path / "sierra-root"
+    job, output = _submit(slurm_cluster, tmp_path, env, root, "per-batch", workers=False)
+    state, _ = slurm_cluster.wait_job_done(job)
+    text = output.read_text(errors="replace")
+    assert state == "FAILED", f"job {job}: {state}\n{text[-4000:]}"
+    errors = [ln for ln in text.splitlines() if ln.startswith("--execenv=prefectdeploy.slurm: ")]
+    assert len(errors) == 1, text[-4000:]
+    assert (f"0 of 1 workers of SLURM job {job} online on pool {POOL} after 3 s: start them "
+            "before SIERRA with `sierra-prefect slurm workers &`") in errors[0]
+    assert "Traceback" not in text
+    batch = ss.expected_batch_root(root, N_EXPERIMENTS)
+    assert ss.missing_outputs(batch) == ss.expected_outputs(batch)
