@@ -235,6 +235,13 @@ class SlurmCluster:
         code = re.search(r"\bExitCode=(\S+)", result.stdout)
         return (state.group(1) if state else "UNKNOWN", code.group(1) if code else "")
 
+    def step_cpus(self, job: str, step: str = "0") -> int | None:
+        """CPUs SLURM allocated to job step ``job.step`` while it runs (None once it ended)."""
+        result = subprocess.run(["scontrol", "-o", "show", "step", f"{job}.{step}"],
+                                env=self.client_env(), capture_output=True, text=True, timeout=30)
+        match = re.search(r"\bTRES=\S*?cpu=(\d+)", result.stdout)
+        return int(match.group(1)) if match else None
+
     def wait_job_done(self, job: str, deadline: float = 240.0) -> tuple[str, str]:
         return wait_until(lambda: (s := self.job_state(job))[0] in FINAL_STATES and s,
                           deadline, f"SLURM job {job} to end", interval=0.5)

@@ -151,10 +151,13 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
     # While the job runs: note the allocation's worker processes (pid and start time).
     pids: dict[int, float | None] = {}
 
+    step_cpus: list[int | None] = []
+
     def worker_started():
         text = output.read_text(errors="replace") if output.exists() else ""
         match = WORKER_LINE.search(text)
         if match:
+            step_cpus.append(slurm_cluster.step_cpus(job))  # the workers' step, while it runs
             for pid in map(int, match.group(2, 3)):
                 try:
                     pids[pid] = psutil.Process(pid).create_time()
@@ -163,6 +166,8 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
         return match or slurm_cluster.job_state(job)[0] in {"COMPLETED", "FAILED", "CANCELLED"}
 
     wait_until(worker_started, 120, f"the worker of job {job} to start (output {output})")
+    # The workers' step has all the job's CPUs on the node, not one task's.
+    assert step_cpus == [tasks * cpus_per_task], step_cpus
     state, code = slurm_cluster.wait_job_done(job)
     text = output.read_text(errors="replace")
     assert (state, code) == ("COMPLETED", "0:0"), f"job {job}: {state} {code}\n{text[-4000:]}"
