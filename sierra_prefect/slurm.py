@@ -265,9 +265,10 @@ def _ranges(cpus: list[int]) -> str:
 
 def workers_argv(allocation: Allocation, shim: str) -> list[str]:
     """The srun command line of ``slurm workers``: one task per node, each with all the CPUs
-    the job has on its node (not one run's share, SLURM_CPUS_PER_TASK, which srun reads from
-    the environment again since SLURM 23.11, and then binds the step to), so the worker runs
-    as many runs at once as fit. Explicit, so it holds whatever the SLURM version."""
+    the job has on its node, not one run's share (srun before SLURM 22.05 inherits
+    SLURM_CPUS_PER_TASK, and from 22.05 on reads SRUN_CPUS_PER_TASK, which sites often tell
+    users to export), so the worker runs as many runs at once as fit. Explicit, so it holds
+    whatever the version and the environment."""
     srun = shutil.which("srun")
     if srun is None:
         raise ShimError("srun not found on PATH: run this inside a SLURM allocation on a host "
