@@ -114,6 +114,9 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, env: dict[str, str], root: Pa
                           extra_args=["--exec-strict", "--toysim-duration", seconds])
     script = job_script(tmp_path / "job.sh", argv, tasks, cpus, workers)
     output = tmp_path / "job.out"
+    # What many sites tell users to export for srun since SLURM 22.05: the workers' srun must
+    # still get all the job's CPUs on the node, not one run's.
+    env = {**env, "SRUN_CPUS_PER_TASK": str(cpus)}
     if how == "salloc":
         _, job = cluster.salloc(script, ss.sierra_env(base=env), output, "--nodes=1",
                                 f"--ntasks-per-node={tasks}", f"--cpus-per-task={cpus}")
