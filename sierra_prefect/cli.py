@@ -49,6 +49,9 @@ app.add_typer(pools_app, name="pools")
 image_app = typer.Typer(help="The worker image (Dockerfile).", no_args_is_help=True,
                         rich_markup_mode=None)
 app.add_typer(image_app, name="image")
+slurm_app = typer.Typer(help="Batches inside a SLURM allocation (sierra/slurm).", no_args_is_help=True,
+                        rich_markup_mode=None)
+app.add_typer(slurm_app, name="slurm")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -261,8 +264,10 @@ def run(
 ) -> None:
     """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
     from sierra_prefect.docker import parse_mount
+    from sierra_prefect.slurm import queue_for
     from sierra_prefect.trigger import Trigger, parse_param, trigger
 
+    work_queue = queue_for(deployment, work_queue)  # sierra/slurm: the allocation's queue
     settings = _settings()
     connection = _stack(settings, quiet=True).connection()
     request = Trigger(
@@ -358,6 +363,66 @@ def image_build(
     tag = tag or docker.DEFAULT_TAG
     docker.build_image(settings.require_project(), tag, settings.base_image)
     out.print(f"built {tag} with Prefect {docker.image_prefect_version(tag)}")
+
+
+@slurm_app.command("workers", short_help="Start one worker per allocated node (srun).")
+def slurm_workers() -> None:
+    """In an sbatch script or salloc shell: `srun` one `sierra-prefect slurm worker` per node of
+    the allocation, each with all the CPUs the job has on its node. Runs until the step or
+    the job ends (start it in the background with `&`)."""
+    import os
+
+    from sierra_prefect.slurm import Allocation, workers_argv
+
+    allocation = Allocation.from_environment()
+    argv = workers_argv(allocation, str(Path(sys.executable).parent / PROG))
+    err.print(f"{PROG}: {' '.join(argv)}", highlight=False, markup=False)
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # srun itself: SLURM's signals reach it directly
+
+
+@slurm_app.command("worker", short_help="The allocation's worker on this node (run by srun).")
+def slurm_worker() -> None:
+    """Run the allocation's Prefect worker on this node, on the queue slurm-<SLURM_JOB_ID> of
+    sierra-slurm-pool, until SLURM ends the step or the job. Connects to the stack of
+    SIERRA_PREFECT_HOME (or PREFECT_API_URL) with its credential."""
+    from sierra_prefect.slurm import Allocation, SlurmWorker, connect
+
+    allocation = Allocation.from_environment()
+    settings = _settings()
+    where = f"node {allocation.node_name} of SLURM job {allocation.job_id}"
+    connection = connect(settings, _stack(settings, quiet=True).connection(), where)
+    worker = SlurmWorker(settings, connection, allocation, say=err.print)
+    raise typer.Exit(worker.run())
+
+
+@slurm_app.command("check", short_help="Exit 0 once the allocation's workers are online (SIERRA's check).")
+def slurm_check(
+    deployment: str = typer.Argument("sierra/slurm", metavar="DEPLOYMENT", help="FLOW/NAME."),
+    work_pool: str | None = typer.Option(
+        None, metavar="POOL", help="Fail unless the deployment uses this pool."),
+    memory_per_run: str | None = typer.Option(
+        None, metavar="SIZE", help="Validate a --memory-per-run SIZE (e.g. 2G)."),
+    timeout: float | None = typer.Option(
+        None, metavar="SECONDS", help="How long to wait for one worker per allocated node "
+        "(default: SIERRA_PREFECT_SLURM_WORKER_TIMEOUT, 90)."),
+) -> None:
+    """Inside an allocation: the server answers with our credential, DEPLOYMENT is deployed,
+    and one worker per allocated node is online on the allocation's queue."""
+    from sierra_prefect.slurm import Allocation, connect, wait_for_workers
+    from sierra_prefect.trigger import check_deployment, check_resources
+
+    allocation = Allocation.from_environment()
+    check_resources(memory_per_run=memory_per_run)
+    settings = _settings()
+    connection = connect(settings, _stack(settings, quiet=True).connection(),
+                         f"SLURM job {allocation.job_id}")
+    with connection.client() as client:
+        check_deployment(client, connection, deployment, work_pool, console=err)
+    workers = wait_for_workers(connection, allocation, timeout or settings.slurm_worker_timeout,
+                               say=err.print)
+    out.print(f"{deployment} is deployed on {connection.api_url}; workers of SLURM job "
+              f"{allocation.job_id} online: {', '.join(workers)}", highlight=False)
 
 
 @app.command(short_help="A sample batch through sierra/local on the stack.")

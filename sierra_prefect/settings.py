@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         ),
     )
     server_start_timeout: float = Field(120.0, description="Deadline for a healthy server.")
+    slurm_worker_timeout: float = Field(
+        90.0, gt=0, description="How long `slurm check` (prefectdeploy.slurm's stage 2 check) "
+        "waits for one worker per node of the SLURM allocation.")
     worker_start_timeout: float = Field(60.0, description="Deadline for a worker online.")
     busy_deadline: float = Field(
         120.0, gt=0, description="How long `run` waits for a busy server (HTTP 503, no answer) "

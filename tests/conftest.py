@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import StackHandle, bring_up
 
 pytest_plugins = ["tests.docker_support", "tests.postgres_support", "tests.ci_support",
-                  "tests.users_support"]
+                  "tests.users_support", "tests.slurm_support"]
 
 
 @pytest.fixture(scope="session")

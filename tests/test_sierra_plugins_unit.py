@@ -108,7 +108,7 @@ def option_values(argv: list[str], name: str) -> list[str]:
 # --- discovery and options ---------------------------------------------------------
 
 
-def test_sierra_finds_both_plugins_next_to_its_own():
+def test_sierra_finds_our_plugins_next_to_its_own():
     import sierra
     from sierra.core.plugin import DirectoryPluginManager
 
@@ -117,7 +117,7 @@ def test_sierra_finds_both_plugins_next_to_its_own():
     manager.initialize(None, [builtin, ss.PREFECT_PLUGIN_PATH])
     found = set(manager.available_plugins())
     ours = {n for n in found if n.startswith("prefectdeploy")}
-    assert ours == {"prefectdeploy.local", "prefectdeploy.dockerremote"}
+    assert ours == {"prefectdeploy.local", "prefectdeploy.dockerremote", "prefectdeploy.slurm"}
     assert {"prefectserver.local", "hpc.local"} <= found  # no name clash with SIERRA's
 
     for name in sorted(ours):

@@ -205,12 +205,15 @@ def jobs_for_sierra(n_runs: int | None, cores_per_run: int | None) -> int:
     return max(1, jobs)
 
 
-def configure_resources(args: argparse.Namespace) -> argparse.Namespace:
+def configure_resources(
+    args: argparse.Namespace, decided: tuple[int | None, str] | None = None
+) -> argparse.Namespace:
     """The plugins' ``cmdline_postparse_configure`` (SIERRA calls it before the engine's).
 
     - Remembers the ``--exec-jobs-per-node`` the user gave as ``exec_max_parallel``:
       the only value forwarded as ``--max-parallel``.
-    - Decides cores per run (:func:`decide_cores_per_run`) into
+    - Decides cores per run (:func:`decide_cores_per_run`, or ``decided``: the value and
+      where it came from, e.g. ``prefectdeploy.slurm``'s ``SLURM_CPUS_PER_TASK``) into
       ``exec_cores_per_run``.
     - If no ``--exec-jobs-per-node`` was given, fills SIERRA's ``exec_jobs_per_node``
       (its per-experiment runner asserts it is set) with :func:`jobs_for_sierra`.
@@ -218,10 +221,10 @@ def configure_resources(args: argparse.Namespace) -> argparse.Namespace:
     """
     given = getattr(args, "exec_jobs_per_node", None)
     args.exec_max_parallel = given
-    if 2 not in _pipeline(args):
+    if 2 not in pipeline_stages(args):
         return args
 
-    cores, source = decide_cores_per_run(args)
+    cores, source = decided if decided is not None else decide_cores_per_run(args)
     args.exec_cores_per_run = cores
     _logger.info("Cores per experimental run: %s (%s)", cores or 1, source)
     if given is None:
@@ -237,7 +240,8 @@ def configure_resources(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _pipeline(args: argparse.Namespace) -> list[int]:
+def pipeline_stages(args: argparse.Namespace) -> list[int]:
+    """The stages SIERRA runs (``--pipeline``; all when not parsed yet)."""
     stages = getattr(args, "pipeline", None)
     if stages is None:
         return [1, 2, 3, 4, 5]
@@ -346,8 +350,13 @@ class ExpShellCmdsGenerator(_RunCmdGenerator):
         return []
 
 
-def execenv_check(cmdopts: types.Cmdopts, extra_argv: tp.Sequence[str] = ()) -> None:
-    """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT [extra_argv]`` must succeed.
+def execenv_check(
+    cmdopts: types.Cmdopts,
+    extra_argv: tp.Sequence[str] = (),
+    command: tp.Sequence[str] = ("check",),
+) -> None:
+    """Stage 2 pre-flight: ``sierra-prefect check DEPLOYMENT [extra_argv]`` must succeed
+    (``command`` replaces ``check``, e.g. ``slurm check``).
 
     The shim checks the server, the deployment, the Prefect versions, the memory
     per run and whatever ``extra_argv`` names (e.g. ``--mount``): it is the one
@@ -356,7 +365,7 @@ def execenv_check(cmdopts: types.Cmdopts, extra_argv: tp.Sequence[str] = ()) -> 
     """
     deployment = cmdopts["deployment"]
     execenv = cmdopts.get("execenv", "prefectdeploy")
-    argv = [shim_executable(), "check", deployment, *extra_argv]
+    argv = [shim_executable(), *command, deployment, *extra_argv]
     if cmdopts.get("work_pool"):
         argv += ["--work-pool", cmdopts["work_pool"]]
     if cmdopts.get("exec_memory_per_run"):
@@ -405,6 +414,7 @@ __all__ = [
     "decide_cores_per_run",
     "execenv_check",
     "jobs_for_sierra",
+    "pipeline_stages",
     "quote_argv",
     "shim_executable",
     "usable_cpus",

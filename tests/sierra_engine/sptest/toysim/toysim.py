@@ -37,7 +37,8 @@ Effects, in order:
         "cpus_allowed": [2, 3],            # the same, expanded
         "sched_getaffinity": [2, 3],       # os.sched_getaffinity(0)
         "thread_affinities": [[2, 3], ...],  # each busy thread's, from inside it
-        "omp_num_threads": "2"}            # $OMP_NUM_THREADS, or null
+        "omp_num_threads": "2",            # $OMP_NUM_THREADS, or null
+        "slurm_job_id": "12", "slurm_step_id": "0"}  # $SLURM_JOB_ID, $SLURM_STEP_ID, or null
 
    All are written to a temporary name and renamed, so a file that exists is
    complete.
@@ -189,6 +190,9 @@ def main(argv: list) -> int:
         "sched_getaffinity": affinity,
         "thread_affinities": thread_affinities,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # Which SLURM job and step (if any) the run ran in: the allocation's worker's.
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
     }
     _write_atomic(out / "resources.json", lambda f: json.dump(resources, f, indent=1))
     print(f"toysim: wrote {out / 'data.csv'}")
