@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from sierra_prefect.errors import ShimError
-from sierra_prefect.settings import Settings
+from sierra_prefect.settings import SLURM_DEPLOYMENT, Settings
 
 PROG = "sierra-prefect"
 
@@ -264,10 +264,12 @@ def run(
 ) -> None:
     """Trigger DEPLOYMENT for a batch, follow it, print the summary; exit 0 iff all runs succeeded."""
     from sierra_prefect.docker import parse_mount
-    from sierra_prefect.slurm import queue_for
     from sierra_prefect.trigger import Trigger, parse_param, trigger
 
-    work_queue = queue_for(deployment, work_queue)  # sierra/slurm: the allocation's queue
+    if deployment == SLURM_DEPLOYMENT:  # its queue is the allocation's (the module is heavy)
+        from sierra_prefect.slurm import queue_for
+
+        work_queue = queue_for(deployment, work_queue)
     settings = _settings()
     connection = _stack(settings, quiet=True).connection()
     request = Trigger(

@@ -29,6 +29,7 @@ AUTH_STRING_ENV = ("SIERRA_PREFECT_AUTH_STRING", CLIENT_ENV)
 SHIM_SECRET_ENV = ("SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL")
 
 DEFAULT_PORT = 4200
+SLURM_DEPLOYMENT = "sierra/slurm"  # prefect.yaml; its flow runs go to the allocation's queue
 
 
 def _find_project_dir() -> Path:

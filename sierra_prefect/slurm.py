@@ -49,11 +49,11 @@ from sierra_prefect import warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.private import private_dir
-from sierra_prefect.settings import Settings, venv_env
+from sierra_prefect.settings import SLURM_DEPLOYMENT, Settings, venv_env
 from sierra_prefect.worker import workers_online
 
 POOL = "sierra-slurm-pool"
-DEPLOYMENT = "sierra/slurm"
+DEPLOYMENT = SLURM_DEPLOYMENT
 WORKER_TYPE = "sierra-process"
 QUEUE_PREFIX = "slurm-"
 README_HINT = "see the README, 'On a SLURM cluster'"

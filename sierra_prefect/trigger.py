@@ -332,16 +332,12 @@ class Patience:
 def _our_retries(connection: Connection, deadline: float):
     """Prefect's client pointed at the server, its own retries off (``Patience`` retries,
     visibly), and no request waiting longer than the deadline allows."""
-    from prefect.settings import (
-        PREFECT_API_REQUEST_TIMEOUT,
-        PREFECT_CLIENT_MAX_RETRIES,
-        temporary_settings,
-    )
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES
 
     timeout = min(PREFECT_API_REQUEST_TIMEOUT.value(), REQUEST_TIMEOUT_SECONDS,
                   max(deadline / 3, 1.0))
-    with connection.prefect_settings(), temporary_settings(
-            {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: timeout}):
+    with connection.prefect_settings({PREFECT_CLIENT_MAX_RETRIES: 0,
+                                      PREFECT_API_REQUEST_TIMEOUT: timeout}):
         yield
 
 

@@ -655,7 +655,9 @@ def serve(path: Path, grace: float = CLIENT_GONE_GRACE_SECONDS) -> None:
     # `sierra-prefect run` and `check` import: libraries only, so the CLI's own code is
     # always read afresh from the checkout.
     import prefect.deployments
-    import prefect.flow_engine  # noqa: F401
+    import prefect.flow_engine
+    import prefect.task_engine  # noqa: F401  the experiments' task runs
+    import psutil  # noqa: F401  the flow's resources and watchdog
     import pydantic_settings  # noqa: F401
     import rich.progress  # noqa: F401
     import typer  # noqa: F401
