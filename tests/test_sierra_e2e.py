@@ -205,4 +205,6 @@ def test_execenv_check_says_to_run_up_when_there_is_no_stack(tmp_path):
     result = ss.run_sierra(root, execenv="prefectdeploy.local", n_runs=1, n_experiments=2, env=env)
     assert result.returncode != 0
     assert "sierra-prefect up" in result.stdout
+    # One line, not SIERRA's "unexpected error" traceback and request for a bug report.
+    assert "Traceback" not in result.stdout and "unexpected error" not in result.stdout
     assert ss.missing_outputs(ss.find_batch_root(root)) == ss.expected_outputs(ss.find_batch_root(root))

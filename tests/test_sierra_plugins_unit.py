@@ -314,7 +314,7 @@ def test_commands_file_elsewhere_is_an_error():
     cmdopts = make_cmdopts("local")
     opts = batch_exec_opts(cmdopts)
     opts["cmdfile_stem_path"] = "/somewhere/else/commands"
-    with pytest.raises(RuntimeError, match="commands file"):
+    with pytest.raises(SystemExit, match="commands file"):
         local_plugin.BatchShellCmdsGenerator(cmdopts).exec_batch_cmds(opts)
 
 
@@ -341,7 +341,7 @@ def test_execenv_check_passes_on_a_real_stack(kind, stack_env):
 
 
 def test_execenv_check_rejects_the_wrong_pool(stack_env):
-    with pytest.raises(RuntimeError, match="runs on pool 'sierra-pool', not 'pool-a'"):
+    with pytest.raises(SystemExit, match="runs on pool 'sierra-pool', not 'pool-a'"):
         local_plugin.execenv_check(make_cmdopts("local", "--work-pool", "pool-a"))
 
 
@@ -355,7 +355,7 @@ def test_execenv_check_rejects_the_wrong_pool(stack_env):
 def test_execenv_check_rejects_a_bad_mount_in_one_line(stack_env, bad, expected):
     """The shim judges the mount before stage 2 runs anything: SIERRA shows its one line."""
     cmdopts = make_cmdopts("dockerremote", "--docker-extra-mounts", bad)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(SystemExit) as info:
         docker_plugin.execenv_check(cmdopts)
     message = str(info.value)
     assert message.startswith("--execenv=prefectdeploy.dockerremote: Prefect deployment "
@@ -369,7 +369,7 @@ def test_execenv_check_accepts_a_good_mount(stack_env, tmp_path):
 
 
 def test_execenv_check_unknown_deployment_says_run_up(stack_env):
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(SystemExit) as info:
         local_plugin.execenv_check(make_cmdopts("local", "--deployment", "sierra/nope"))
     message = str(info.value)
     assert "deployment 'sierra/nope' does not exist" in message
@@ -381,7 +381,7 @@ def test_execenv_check_without_a_stack_says_run_up(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("SIERRA_PREFECT_HOME", str(tmp_path / "empty-home"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv(common.SHIM_ENV, raising=False)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(SystemExit) as info:
         KINDS[kind][1].execenv_check(make_cmdopts(kind))
     message = str(info.value)
     assert "sierra-prefect up" in message and f"sierra/{kind}" in message
@@ -389,7 +389,7 @@ def test_execenv_check_without_a_stack_says_run_up(kind, tmp_path, monkeypatch):
 
 def test_execenv_check_without_shim(monkeypatch, tmp_path):
     monkeypatch.setenv(common.SHIM_ENV, str(tmp_path / "no-such-sierra-prefect"))
-    with pytest.raises(RuntimeError, match="sierra-prefect up"):
+    with pytest.raises(SystemExit, match="sierra-prefect up"):
         local_plugin.execenv_check(make_cmdopts("local"))
 
 
@@ -625,7 +625,7 @@ def test_execenv_check_accepts_a_memory_size(kind, stack_env):
 
 @pytest.mark.parametrize("bad", ["2Q", "lots", "0", "-1G"])
 def test_execenv_check_rejects_a_bad_memory_size_in_one_line(bad, stack_env):
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(SystemExit) as info:
         local_plugin.execenv_check(make_cmdopts("local", f"--exec-memory-per-run={bad}"))
     message = str(info.value)
     assert message.startswith("--execenv=prefectdeploy.local: Prefect deployment "

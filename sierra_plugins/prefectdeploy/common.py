@@ -73,6 +73,11 @@ from sierra.core import types
 
 _logger = logging.getLogger(__name__)
 
+
+class PluginError(SystemExit):
+    """What a user did wrong or must fix, as one line (SIERRA's handler for any other
+    exception prints a traceback and asks for a bug report; a SystemExit passes it)."""
+
 SHIM_NAME = "sierra-prefect"
 SHIM_ENV = "SIERRA_PREFECT_BIN"
 COMMANDS_FILE = "commands.txt"
@@ -301,7 +306,7 @@ def _check_cmdfile(input_root: str, exec_opts: types.StrDict) -> None:
     )
     expected = pathlib.Path(input_root) / COMMANDS_FILE
     if actual != expected:
-        raise RuntimeError(
+        raise PluginError(
             f"SIERRA's commands file is {actual}, but the Prefect flow reads "
             f"{expected}: this SIERRA version lays out batches differently "
             "than sierra-prefect expects"
@@ -360,7 +365,7 @@ def execenv_check(
 
     The shim checks the server, the deployment, the Prefect versions, the memory
     per run and whatever ``extra_argv`` names (e.g. ``--mount``): it is the one
-    place that validates them. Raises RuntimeError (SIERRA aborts stage 2 before running anything)
+    place that validates them. Raises PluginError (SIERRA stops stage 2 before running anything)
     with the shim's one-line reason and the fix.
     """
     deployment = cmdopts["deployment"]
@@ -382,12 +387,12 @@ def execenv_check(
             check=False,
         )
     except FileNotFoundError as e:
-        raise RuntimeError(
+        raise PluginError(
             f"--execenv={execenv}: cannot run '{argv[0]}': {e.strerror}. Install "
             f"sierra-prefect where SIERRA runs (or set {SHIM_ENV}). {fix}"
         ) from e
     except subprocess.TimeoutExpired as e:
-        raise RuntimeError(
+        raise PluginError(
             f"--execenv={execenv}: '{quote_argv(argv)}' gave no answer within "
             f"{CHECK_TIMEOUT}s. {fix}"
         ) from e
@@ -401,7 +406,7 @@ def execenv_check(
         # The shim's own one-line errors carry their fix; anything else gets the usual one.
         if not reason.startswith(SHIM_ERROR_PREFIX):
             message += f". {fix}"
-        raise RuntimeError(message)
+        raise PluginError(message)
 
     _logger.info("Prefect deployment '%s' is ready", deployment)
 
@@ -409,6 +414,7 @@ def execenv_check(
 __all__ = [
     "BatchShellCmdsGenerator",
     "ExpShellCmdsGenerator",
+    "PluginError",
     "build_run_argv",
     "configure_resources",
     "decide_cores_per_run",

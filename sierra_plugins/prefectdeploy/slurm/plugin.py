@@ -88,10 +88,7 @@ class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
 def execenv_check(cmdopts: types.Cmdopts) -> None:
     """``sierra-prefect slurm check``: server, credential, deployment, and this
     allocation's workers online (it waits for them a while)."""
-    try:
-        common.execenv_check(cmdopts, command=("slurm", "check"))
-    except RuntimeError as exc:
-        raise SystemExit(str(exc)) from None
+    common.execenv_check(cmdopts, command=("slurm", "check"))
 
 
 __all__ = [
