@@ -252,3 +252,17 @@ def test_catches_tells_a_handler_from_the_default_action():
             proc.kill()
             proc.wait()
     assert not catches(plain.pid, signal.SIGUSR1)  # gone
+
+
+def test_the_process_job_environment_is_prefects_computed_once_per_settings():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessJobConfiguration
+
+    from sierra_prefect.worker_types import SierraProcessJobConfiguration as Ours
+
+    assert Ours._base_environment() == ProcessJobConfiguration._base_environment()
+    Ours._base_environment()["SIERRA_TEST_MUTATION"] = "1"  # a caller's copy, not ours
+    assert "SIERRA_TEST_MUTATION" not in Ours._base_environment()
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # new settings: anew
+        assert Ours._base_environment()["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
+    assert Ours._base_environment() == ProcessJobConfiguration._base_environment()
