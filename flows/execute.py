@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -360,5 +361,7 @@ def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_i
             "seconds": record.seconds, "attempt": record.attempt, "attempts": attempts,
             "cpus": cpus, "peak_memory": record.peak_memory, "stdout": record.stdout,
             "stderr": record.stderr, "finished": datetime.now(UTC).isoformat(),
+            # Who ran it: the ledger says so for spread batches (flows/spread.py).
+            "worker": os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname(),
         })
     return record

@@ -180,13 +180,19 @@ def run_dir(scratch_root: Path, run: RunSpec) -> Path:
     return scratch_root / STATE_DIR / "runs" / run.run_id
 
 
-def is_done(scratch_root: Path, run: RunSpec) -> bool:
-    """A run is done when its marker exists and records this exact command."""
+def read_marker(scratch_root: Path, run: RunSpec) -> dict | None:
+    """The run's success marker, if it exists and records this exact command."""
     marker = run_dir(scratch_root, run) / MARKER_NAME
     try:
-        return json.loads(marker.read_text()).get("command") == run.command
+        record = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return record if isinstance(record, dict) and record.get("command") == run.command else None
+
+
+def is_done(scratch_root: Path, run: RunSpec) -> bool:
+    """A run is done when its marker exists and records this exact command."""
+    return read_marker(scratch_root, run) is not None
 
 
 def attempt_number(log: Path) -> int:

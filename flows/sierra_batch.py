@@ -97,7 +97,16 @@ from flows.resources import (
     usable_cpus,
 )
 from flows.scheduler import Placement, Scheduler
-from flows.spread import FanOut, declined_summary, worker_name, worker_slot
+from flows.spread import (
+    Claims,
+    FanOut,
+    Lease,
+    Liveness,
+    declined_summary,
+    lost_after,
+    worker_name,
+    worker_slot,
+)
 from flows.summary import SUMMARY_JSON_KEY, SUMMARY_KEY, BatchSummary, FailedRun
 from flows.tracking import Tracker
 from sierra_prefect.versions import mismatch
@@ -177,6 +186,7 @@ class _Experiments:
         for run in todo:
             self.left[run.experiment] = self.left.get(run.experiment, 0) + 1
         self.ended: dict[str, int] = dict.fromkeys(self.left, 0)
+        self.elsewhere: dict[str, int] = dict.fromkeys(self.left, 0)  # run by a sibling
         self.failed: dict[str, list[RunRecord]] = {name: [] for name in self.left}
         self._ended = {name: threading.Event() for name in self.left}
 
@@ -185,7 +195,14 @@ class _Experiments:
             self.ended[experiment] += 1
             if not record.ok:
                 self.failed[experiment].append(record)
-            if self.ended[experiment] == self.left[experiment]:
+            if self.ended[experiment] + self.elsewhere[experiment] == self.left[experiment]:
+                self._ended[experiment].set()
+
+    def skipped(self, experiment: str) -> None:
+        """Another flow run of a spread batch holds this run: not ours to end."""
+        with self._lock:
+            self.elsewhere[experiment] += 1
+            if self.ended[experiment] + self.elsewhere[experiment] == self.left[experiment]:
                 self._ended[experiment].set()
 
     def release(self) -> None:
@@ -193,11 +210,12 @@ class _Experiments:
         for event in self._ended.values():
             event.set()
 
-    def wait(self, experiment: str) -> tuple[int, list[RunRecord]]:
-        """(runs ended, the failed ones) once the experiment is over."""
+    def wait(self, experiment: str) -> tuple[int, int, list[RunRecord]]:
+        """(runs ended, runs left to siblings, the failed ones) once the experiment is over."""
         self._ended[experiment].wait()
         with self._lock:
-            return self.ended[experiment], list(self.failed[experiment])
+            return (self.ended[experiment], self.elsewhere[experiment],
+                    list(self.failed[experiment]))
 
 
 # The batches running in this process, by flow-run id: how an experiment's task run finds
@@ -211,10 +229,12 @@ def experiment_runs(experiment: str, runs: int, batch: str) -> dict:
     """One SIERRA experiment: waits for its runs (run by the flow's scheduler) to end."""
     experiments, tracker = _BATCHES[batch]
     tracker.task_started(experiment, get_run_context().task_run.id)
-    ended, failed = experiments.wait(experiment)
+    ended, elsewhere, failed = experiments.wait(experiment)
     result = {"experiment": experiment, "runs": runs, "ended": ended,
               "succeeded": ended - len(failed), "failed": len(failed)}
-    if failed or ended < runs:
+    if elsewhere:
+        result["run elsewhere"] = elsewhere
+    if failed or ended + elsewhere < runs:
         names = ", ".join(r.name for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
         return Failed(message=f"{experiment}: {len(failed)} of {runs} runs failed ({names}), "
                               f"{runs - ended} did not end", data=result)
@@ -333,7 +353,8 @@ def _crashed_record(run: RunSpec, scratch: Path, error: BaseException) -> RunRec
 
 
 def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunResources,
-              tracker: Tracker, logger) -> tuple[int, list[FailedRun], dict[str, int]]:
+              tracker: Tracker, logger, claims: Claims | None = None,
+              ) -> tuple[int, list[FailedRun], dict[str, int]]:
     """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs, runs that
     succeeded after a retry with their attempts).
 
@@ -369,6 +390,10 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
         logger.info("%s waits for %s", run.name, reason)
         tracker.waiting(reason)
 
+    def skip(run: RunSpec) -> None:
+        tracker.elsewhere(run)
+        experiments.skipped(run.experiment)
+
     cpus = resources.cpu_sets()
     scheduler = Scheduler(resources.cap, cpus, memory, resources.retries, resources.retry_delay)
     try:
@@ -382,6 +407,7 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
                         todo, execute=execute, on_start=tracker.started, on_done=done,
                         on_error=lambda run, exc: _crashed_record(run, scratch, exc),
                         failed=lambda record: not record.ok, on_retry=retry, on_wait=wait,
+                        claim=claims.claim if claims else None, on_skip=skip,
                     )
             finally:
                 experiments.release()
@@ -480,13 +506,15 @@ def sierra(
                         f", up to {resources.retries} retries" if resources.retries else "")
             _end_stragglers(scratch, todo, logger)
             flow_run_id = get_run_context().flow_run.id
-            with Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
+            with (_shared(scratch, str(flow_run_id)) if spread_group else nullcontext()) as claims, \
+                    Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
                 succeeded, failed_runs, retried = _run_here(todo, scratch, workdir or str(inp),
-                                                            resources, tracker, logger)
-        workers = {worker: len(todo)}
+                                                            resources, tracker, logger, claims)
+                skipped += tracker.ran_elsewhere
+        workers = {worker: succeeded + len(failed_runs)}
 
     summary = summary.model_copy(update={
-        "succeeded": succeeded, "failed": len(failed_runs), "failed_runs": failed_runs,
+        "succeeded": succeeded, "skipped": skipped, "failed": len(failed_runs), "failed_runs": failed_runs,
         "workers": workers, "retried": retried,
     })
     _publish(summary)
@@ -494,6 +522,14 @@ def sierra(
     if not summary.ok:
         return Failed(message=summary.headline(), data=summary.model_dump(mode="json"))
     return summary.model_dump(mode="json")
+
+
+@contextmanager
+def _shared(scratch: Path, flow_run_id: str) -> Iterator[Claims]:
+    """A spread child's side of the shared queue: its lease, renewed while it runs, and
+    the claims through which it takes runs (flows/spread.py)."""
+    with get_client(sync_client=True) as client, Lease(scratch, flow_run_id):
+        yield Claims(scratch, flow_run_id, Liveness(scratch, client, lost_after()))
 
 
 def _deployment_name() -> str | None:

@@ -83,9 +83,13 @@ def up(
         None, metavar="PORT|auto",
         help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
     docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
+    no_worker: bool = typer.Option(
+        False, "--no-worker",
+        help="Start no worker here (a server host: workers run on other hosts)."),
     host: str | None = typer.Option(
         None, metavar="ADDRESS",
-        help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
+        help="Bind address (default 127.0.0.1), e.g. this host's address for workers on other "
+        "hosts; they send the stack's credential (`sierra-prefect auth-string`)."),
     database: str | None = typer.Option(
         None, metavar="URL",
         help="Server database URL without a password, e.g. postgresql+asyncpg://u@127.0.0.1:5432/prefect "
@@ -96,7 +100,9 @@ def up(
     _require_no_password(database)
     settings = _settings(port=_port(port), home=home, host=host, database_url=database)
     stack = _stack(settings)
-    connection = stack.up(docker=docker)
+    if docker and no_worker:
+        raise ShimError("--docker starts a Docker worker and --no-worker starts none: pass one of them")
+    connection = stack.up(docker=docker, worker=not no_worker)
     out.print(f"ready: {connection.api_url}  (UI: {connection.ui_url})")
     credential = settings.credential()
     if credential and credential.file:
