@@ -43,6 +43,11 @@ ROW_KEYS = (
     "cores_max_at_once",
     "cores_shared",
 )
+# Rows of items a run may leave out (item 9 is not part of --smoke): shown when measured.
+OPTIONAL_ROW_KEYS = (
+    "hosts_wall",
+    "hosts_share",
+)
 
 # The targets of issue 9 ("Scale").
 OVERHEAD_RATIO = 1.3  # ours / GNU parallel, end to end, item 2
@@ -353,13 +358,35 @@ def _cores_rows(results: dict, cfg: dict, rows: dict[str, Row]) -> None:
         ours_samples=o)
 
 
+def _hosts_rows(results: dict, cfg: dict, rows: dict[str, Row]) -> None:
+    h = results.get("hosts")
+    if not h:
+        return
+    v, n = h.get("variants") or {}, h.get("n") or 0
+    spread, one = _values(v.get("spread", []), "wall"), _values(v.get("one", []), "wall")
+    ratios = pairwise_ratios(spread, one)
+    rows["hosts_wall"] = Row(
+        "hosts_wall", "9", f"{n} runs of `sleep {h.get('seconds', 1):g}` on 2 worker hosts (network "
+        "namespaces, 1 CPU each, stock 10 s poll): wall time of `run --spread 2` (s)",
+        _cell(spread), f"one host (no `--spread`): {_cell(one)}", _ratio(spread, one),
+        "≤ 1.0 × one host", _met(None if not ratios else median(ratios) <= 1.0),
+        ours_samples=spread)
+    shares = ["/".join(str(s.get("workers", {}).get(w, 0)) for w in ("worker-a", "worker-b"))
+              for s in v.get("spread", [])]
+    rows["hosts_share"] = Row(
+        "hosts_share", "9", "`--spread 2`: runs done by host A / host B (every repeat)",
+        ", ".join(shares) or "n/a", target="both hosts > 0",
+        met=_met(None if not shares else all("/0" not in s and not s.startswith("0/")
+                                              for s in shares)))
+
+
 def build_rows(results: dict) -> list[Row]:
     rows: dict[str, Row] = {}
     cfg = results["config"]
     for part in (_concurrency_rows, _overhead_rows, _trigger_rows, _bringup_rows, _sierra_rows,
-                 _memory_rows, _scale_rows, _cores_rows):
+                 _memory_rows, _scale_rows, _cores_rows, _hosts_rows):
         part(results, cfg, rows)
-    return [rows[k] for k in ROW_KEYS if k in rows]
+    return [rows[k] for k in (*ROW_KEYS, *OPTIONAL_ROW_KEYS) if k in rows]
 
 
 def _item_loads(results: dict) -> str:

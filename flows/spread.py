@@ -38,6 +38,7 @@ from pathlib import Path
 
 from flows.plan import STATE_DIR, RunSpec, is_done, read_marker, run_dir, write_atomically
 from flows.summary import BatchSummary, FailedRun, read_summary
+from sierra_prefect.wake import wake_own_worker
 
 POLL_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 8.0
@@ -304,11 +305,13 @@ class FanOut:
         from prefect.deployments import run_deployment
 
         now = time.monotonic()
+        scheduled = False
         for _ in range(len(pending)):
             chunk = pending.popleft()
             if chunk.not_before > now:
                 pending.append(chunk)
                 continue
+            scheduled = True
             child = run_deployment(
                 self.deployment,
                 parameters={**self.parameters, "only_runs": [r.index for r in chunk.runs]},
@@ -318,6 +321,8 @@ class FanOut:
                 as_subflow=True,
             )
             active[child.id] = chunk
+        if scheduled:
+            wake_own_worker()
 
     def _poll_children(self, client, liveness: Liveness, active: dict, pending: deque,
                        lost: float) -> bool:

@@ -15,8 +15,10 @@ if [[ "${1:-}" == "--test" ]]; then
     groups=(--group test --group sierra --group bench)
     # GNU parallel (SIERRA's hpc.local baseline), a Docker engine, debootstrap for an
     # offline base image, docker-compose for pytest-docker, PostgreSQL for scale tests,
-    # Chromium to look at the Prefect UI as a user would.
-    apt_install parallel docker.io containerd runc debootstrap docker-compose postgresql chromium
+    # Chromium to look at the Prefect UI as a user would, iproute2 (`ip netns`) for test
+    # hosts on a network (tests/netns_support.py).
+    apt_install parallel docker.io containerd runc debootstrap docker-compose postgresql chromium \
+        iproute2
 fi
 
 python=${SIERRA_PREFECT_PYTHON:-$(find_python 3.11 3.12 3.13 3.14 3.15)} ||

@@ -32,7 +32,7 @@ warns about the type mismatch): start ours.
 from __future__ import annotations
 
 import asyncio
-import signal
+import os
 from typing import Any
 
 from prefect.states import Failed
@@ -41,9 +41,8 @@ from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, Do
 from pydantic import PrivateAttr
 
 from sierra_prefect.job_policy import JobPolicy, Kind, job_overrides, pool_defaults
+from sierra_prefect.wake import WAKE_SIGNAL, WORKER_ENV
 
-# `sierra-prefect run` sends it (sierra_prefect/worker.py: wake_workers).
-WAKE_SIGNAL = signal.SIGUSR1
 REFUSED_STATE = "Refused"
 
 
@@ -128,6 +127,9 @@ class WakeOnSignal:
     async def setup(self) -> None:
         try:
             asyncio.get_running_loop().add_signal_handler(WAKE_SIGNAL, self._wake)
+            import psutil
+
+            os.environ[WORKER_ENV] = f"{os.getpid()}:{psutil.Process().create_time()}"
         except (NotImplementedError, RuntimeError, ValueError) as exc:  # not the main thread
             self._logger.debug("not waking on SIGUSR1 (%s): polling only", exc)
         await super().setup()

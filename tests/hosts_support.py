@@ -7,10 +7,12 @@ and one host per worker on a private network that exists only inside the namespa
   <its address> --no-worker``, the server exposed with the stack's own credential;
 - the credential copied the way the README tells a user, into a file only its owner can
   read (``sierra-prefect auth-string`` > file, mode 0600);
-- on each worker host: ``prefect worker start --pool sierra-pool --name worker-<host>``,
-  as the README says, in a shell that reads the credential from that file
-  (``PREFECT_API_AUTH_STRING="$(cat FILE)"``: it is never on a command line), with
-  ``PREFECT_API_URL`` and the venv on PATH, optionally confined to CPUs (``taskset``).
+- on each worker host, one of the README's two ways: ``prefect worker start --pool
+  sierra-pool --name worker-<host>`` in a shell that reads the credential from that file
+  (``PREFECT_API_AUTH_STRING="$(cat FILE)"``: it is never on a command line) with
+  ``PREFECT_API_URL`` and the venv on PATH (``via="prefect"``), or ``sierra-prefect worker
+  --api-url URL --auth-string-file FILE`` (``via="sierra-prefect"``); optionally confined
+  to CPUs (``taskset``).
 
 Triggers run on the server host (``lab.cli(...)``, the stack's own home). Everything
 shares this machine's file system, so batches are at the same paths on every host.
@@ -94,8 +96,9 @@ class HostsLab:
     def cli_popen(self, *args: str, **kw) -> subprocess.Popen:
         return self.lab.popen("server", [CLI, *args], env=self.env, text=True, **kw)
 
-    def start_worker(self, host: str, cpus: str | None = None, **env: str) -> WorkerHost:
-        """``prefect worker start --pool sierra-pool`` on ``host``, the README's way."""
+    def start_worker(self, host: str, cpus: str | None = None, via: str = "prefect",
+                     **env: str) -> WorkerHost:
+        """A worker on ``host``, started one of the README's ways (see the module's doc)."""
         home = self.home.parent / f"host-{host}"
         home.mkdir(exist_ok=True)
         name = f"worker-{host}"
@@ -105,10 +108,17 @@ class HostsLab:
             "PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             **env,
         }
-        start = f"prefect worker start --pool sierra-pool --name {shlex.quote(name)}"
-        if cpus is not None:
-            start = f"taskset -c {shlex.quote(cpus)} {start}"
-        script = f'PREFECT_API_AUTH_STRING="$(cat {shlex.quote(str(self.auth_file))})" exec {start}'
+        auth = shlex.quote(str(self.auth_file))
+        taskset = f"taskset -c {shlex.quote(cpus)} " if cpus is not None else ""
+        if via == "prefect":
+            start = f"prefect worker start --pool sierra-pool --name {shlex.quote(name)}"
+            script = f'PREFECT_API_AUTH_STRING="$(cat {auth})" exec {taskset}{start}'
+        else:
+            query = worker_env.pop("PREFECT_WORKER_QUERY_SECONDS", "2")
+            script = (f"exec {taskset}sierra-prefect worker --api-url {shlex.quote(self.api_url)} "
+                      f"--auth-string-file {auth} --name {shlex.quote(name)} "
+                      f"--query-seconds {shlex.quote(query)}")
+            worker_env.pop("PREFECT_API_URL")
         log = home / "worker.log"
         with open(log, "ab") as out:
             proc = self.lab.popen(host, ["bash", "-c", script], cwd=home, env=worker_env,

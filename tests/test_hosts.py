@@ -4,6 +4,7 @@ Real hosts are network namespaces on a private network (tests/netns_support.py):
 host with PostgreSQL and ``sierra-prefect up --host <address> --no-worker`` (exposed with
 the stack's own credential), and two worker hosts each running ``prefect worker start
 --pool sierra-pool`` with the credential read from a 0600 file, as the README says
+(host A), or ``sierra-prefect worker --api-url URL --auth-string-file FILE`` (host B)
 (tests/hosts_support.py). Batches are triggered on the server host with
 ``sierra-prefect run``: the command SIERRA's plugin runs, whose exit code SIERRA sees.
 
@@ -52,8 +53,9 @@ def hosts(tmp_path_factory) -> Iterator:
 
     lab = HostsLab.start(tmp_path_factory.mktemp("hosts"), ["a", "b"])
     try:
-        for host, cpu in (("a", "0"), ("b", "1")):
-            lab.start_worker(host, cpus=cpu, PREFECT_WORKER_QUERY_SECONDS=POLL,
+        # Host A the stock way, host B with `sierra-prefect worker`: the README's two ways.
+        for host, cpu, via in (("a", "0", "prefect"), ("b", "1", "sierra-prefect")):
+            lab.start_worker(host, cpus=cpu, via=via, PREFECT_WORKER_QUERY_SECONDS=POLL,
                              SIERRA_PREFECT_HOST_LOST_AFTER=str(LOST_AFTER))
         yield lab
     finally:
@@ -168,3 +170,24 @@ def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
     assert sum(ledger(scratch).values()) == RUNS
     print(f"\nhost {lost} lost after {done_before} runs; the batch ended {took:.1f} s later; "
           f"runs per worker: {dict(per_worker)}")
+
+
+@pytest.mark.parametrize("case", ["open", "missing"])
+def test_worker_command_refuses_a_credential_file_others_can_read(tmp_path, case):
+    """`sierra-prefect worker` stops with one line, before any worker starts."""
+    from tests.helpers import base_env, sierra_prefect
+
+    path = tmp_path / "auth"
+    if case == "open":
+        path.write_text("sierra:secret\n")
+        path.chmod(0o644)
+    result = sierra_prefect("worker", "--api-url", "http://10.0.0.1:4200/api",
+                            "--auth-string-file", str(path), env=base_env(tmp_path / "home"),
+                            timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sierra-prefect: error: "), result.stderr
+    assert ("chmod 600" if case == "open" else "does not exist") in lines[0]
+    assert "secret" not in result.stdout + result.stderr
+    if case == "open":
+        assert path.read_text() == "sierra:secret\n"  # nothing changed or deleted
