@@ -15,7 +15,10 @@ alternating order:
 - ``spread``: ``--spread 2``: children on both hosts share the runs through claims, the
   second host joining at its first poll (ideal N / 2 s plus that wait).
 
-Figures: wall time of ``sierra-prefect run`` and the runs each host did (from the summary).
+Figures: wall time of ``sierra-prefect run``; the time until the first run started (a
+worker's poll and a flow run's cold start: luck of the 10 s poll, the same for both
+variants on average); the span from the first run's start to the last run's end (what
+spreading changes); and the runs each host did (from the summary).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import log, write_batch
+from benchmarks.common import log, read_intervals, span, timed_commands, write_batch
 
 VARIANTS = ("one", "spread")
 
@@ -56,8 +59,10 @@ def measure(work: Path, repeat: int, n: int, seconds: float = 1.0) -> dict:
 
 def _one_batch(lab, directory: Path, variant: str, n: int, seconds: float) -> dict:
     batch = directory / "batch"
-    write_batch(batch, [f"sleep {seconds}"] * n)
+    stamps = directory / "stamps"
+    write_batch(batch, timed_commands(stamps, n, seconds))
     extra = ["--spread", "2"] if variant == "spread" else []
+    started_at = time.time()
     started = time.monotonic()
     result = lab.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
                      str(directory / "scratch"), "--json", *extra, timeout=600)
@@ -67,5 +72,9 @@ def _one_batch(lab, directory: Path, variant: str, n: int, seconds: float) -> di
     summary = json.loads(result.stdout)
     if summary["succeeded"] != n:
         raise RuntimeError(f"{variant}: {summary['succeeded']} of {n} runs succeeded")
-    log(f"hosts {variant}: {n} runs in {wall:.1f} s, per worker {summary['workers']}")
-    return {"ok": True, "wall": round(wall, 2), "workers": summary["workers"]}
+    intervals = read_intervals(stamps)
+    first = min(s for s, _ in intervals) - started_at
+    log(f"hosts {variant}: {n} runs in {wall:.1f} s (first run after {first:.1f} s, span "
+        f"{span(intervals):.1f} s), per worker {summary['workers']}")
+    return {"ok": True, "wall": round(wall, 2), "first_run": round(first, 2),
+            "span": round(span(intervals), 2), "workers": summary["workers"]}

@@ -46,6 +46,7 @@ ROW_KEYS = (
 # Rows of items a run may leave out (item 9 is not part of --smoke): shown when measured.
 OPTIONAL_ROW_KEYS = (
     "hosts_wall",
+    "hosts_span",
     "hosts_share",
 )
 
@@ -371,6 +372,16 @@ def _hosts_rows(results: dict, cfg: dict, rows: dict[str, Row]) -> None:
         _cell(spread), f"one host (no `--spread`): {_cell(one)}", _ratio(spread, one),
         "≤ 1.0 × one host", _met(None if not ratios else median(ratios) <= 1.0),
         ours_samples=spread)
+    spread_span, one_span = _values(v.get("spread", []), "span"), _values(v.get("one", []), "span")
+    first_spread, first_one = (_values(v.get(k, []), "first_run") for k in ("spread", "one"))
+    rows["hosts_span"] = Row(
+        "hosts_span", "9", "the same: first run's start to last run's end (s); in brackets the "
+        "wait for the first run (a 10 s poll, cold start)",
+        f"{_cell(spread_span)} [{_cell(first_spread, 1)}]",
+        f"one host: {_cell(one_span)} [{_cell(first_one, 1)}]", _ratio(spread_span, one_span),
+        "< 1.0 × one host", _met(None if not pairwise_ratios(spread_span, one_span)
+                                  else median(pairwise_ratios(spread_span, one_span)) < 1.0),
+        ours_samples=spread_span)
     shares = ["/".join(str(s.get("workers", {}).get(w, 0)) for w in ("worker-a", "worker-b"))
               for s in v.get("spread", [])]
     rows["hosts_share"] = Row(

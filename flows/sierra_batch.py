@@ -47,6 +47,7 @@ Call it directly (tests, debugging)::
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import threading
@@ -474,7 +475,8 @@ def sierra(
         deployment = _deployment_name()
         if not deployment:
             raise ValueError("spread needs a deployment: trigger it with `sierra-prefect run --spread N`")
-        logger.info("%d runs (%d already done) spread over %d child flow runs", len(runs), skipped, spread)
+        logger.info("%d runs (%d already done) spread over this flow run and %d child flow "
+                    "runs", len(runs), skipped, spread)
         _end_stragglers(scratch, todo, logger)
         fan = FanOut(
             deployment=deployment,
@@ -487,9 +489,27 @@ def sierra(
             job_variables=get_run_context().flow_run.job_variables or None,
             scratch=scratch, logger=logger, tags=list(get_run_context().flow_run.tags or []),
         )
-        fan.run(todo, spread)
-        succeeded, failed_runs, workers = fan.succeeded, fan.failed_runs, fan.workers
-        retried = {}
+        flow_run_id = get_run_context().flow_run.id
+        # The children are scheduled and watched from a thread; meanwhile this flow run
+        # takes runs from the same queue on its own host, at once: spreading never waits
+        # for a worker's poll to start, and any host that joins only adds to it.
+        watcher = threading.Thread(target=contextvars.copy_context().run,
+                                   args=(fan.run_catching, todo, spread), name="fan-out")
+        watcher.start()
+        try:
+            with _shared(scratch, str(flow_run_id)) as claims, \
+                    Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
+                _, own_failed, retried = _run_here(todo, scratch, workdir or str(inp), resources,
+                                                   tracker, logger, claims)
+            fan.ended_here(own_failed)
+        except BaseException:
+            fan.stop()
+            raise
+        finally:
+            watcher.join()
+        fan.raise_error()
+        succeeded, workers = fan.succeeded, fan.workers
+        failed_runs = sorted([*own_failed, *fan.failed_runs], key=lambda r: r.run_id)
     else:
         with worker_slot(scratch, spread_group, worker) if spread_group else nullcontext(True) as slot:
             if not slot:

@@ -260,6 +260,27 @@ class FanOut:
     workers: dict[str, int] = field(default_factory=dict)
     _ended: set[str] = field(default_factory=set)  # run ids reported failed by a child
     _lost_children: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    def run_catching(self, todo: list[RunSpec], spread: int) -> None:
+        """``run`` in a thread: an error is kept for ``raise_error`` in the flow's thread."""
+        try:
+            self.run(todo, spread)
+        except BaseException as exc:
+            self._error = exc
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """The parent is going down: cancel the children and return."""
+        self._stop.set()
+
+    def ended_here(self, failed: list[FailedRun]) -> None:
+        """Runs the parent itself ran and that failed: ended, not left to anyone."""
+        self._ended.update(run.run_id for run in failed)
 
     def run(self, todo: list[RunSpec], spread: int) -> None:
         from prefect.client.orchestration import get_client
@@ -273,17 +294,23 @@ class FanOut:
             liveness = Liveness(self.scratch, client, lost)
             claims = Claims(self.scratch, "parent", liveness)
             try:
-                while True:
+                while not self._stop.is_set():
                     self._submit_due(pending, active)
-                    time.sleep(POLL_SECONDS)
+                    if self._stop.wait(POLL_SECONDS):
+                        break
                     found_lost = self._poll_children(client, liveness, active, pending, lost)
-                    if active and not found_lost:
-                        continue
                     left = [r for r in todo
                             if not is_done(self.scratch, r) and r.run_id not in self._ended]
-                    if not left and not active and not pending:
+                    if not left:
+                        # Every run is done: children no worker took yet would find
+                        # nothing to do; cancel them rather than wait for a poll.
+                        pending.clear()
+                        self._cancel_unstarted(client, active)
+                    if not left and not active:
                         self._count_from_markers(todo)
                         return
+                    if active and not found_lost:
+                        continue
                     held = [r for r in left if (h := claims.holder(r)) and liveness.is_live(h[1])]
                     free = [r for r in left if r not in held]
                     if not free or (pending and not found_lost):
@@ -384,6 +411,18 @@ class FanOut:
         self.logger.error("child flow run %s ended %s without a summary: %s", child_id,
                           state.type.value, state.message or "")
         self._lost_children.append(str(child_id))
+
+    @staticmethod
+    def _cancel_unstarted(client, active: dict) -> None:
+        from prefect.states import Cancelled
+
+        for child_id in list(active):
+            state = client.read_flow_run(child_id).state
+            if state is not None and state.is_scheduled():
+                result = client.set_flow_run_state(
+                    child_id, Cancelled(message="every run of the batch is done"))
+                if getattr(result, "status", None) is not None and result.status.value == "ACCEPT":
+                    del active[child_id]
 
     @staticmethod
     def _cancel(client, active: dict) -> None:

@@ -57,6 +57,7 @@ class HostsLab:
     auth_file: Path
     postgres: PostgresServer
     workers: dict[str, WorkerHost] = field(default_factory=dict)
+    _started_with: dict[str, tuple] = field(default_factory=dict)  # host -> start_worker args
     _cleanup: ExitStack = field(default_factory=ExitStack)
 
     @classmethod
@@ -99,6 +100,7 @@ class HostsLab:
     def start_worker(self, host: str, cpus: str | None = None, via: str = "prefect",
                      **env: str) -> WorkerHost:
         """A worker on ``host``, started one of the README's ways (see the module's doc)."""
+        self._started_with[host] = (cpus, via, env)
         home = self.home.parent / f"host-{host}"
         home.mkdir(exist_ok=True)
         name = f"worker-{host}"
@@ -138,6 +140,21 @@ class HostsLab:
         except (ValueError, KeyError):
             return False
         return name in pools.get("sierra-pool", {}).get("workers_online", [])
+
+    def lose(self, host: str) -> list[int]:
+        """``host`` disappears: its link goes down and every process on it is killed."""
+        self.lab.link_down(host)
+        killed = self.lab.kill_all(host)
+        worker = self.workers.pop(host, None)
+        if worker is not None:
+            worker.proc.wait(timeout=30)
+        return killed
+
+    def revive(self, host: str) -> WorkerHost:
+        """A lost ``host`` back on the network, with a worker started as before."""
+        self.lab.link_up(host)
+        cpus, via, env = self._started_with[host]
+        return self.start_worker(host, cpus=cpus, via=via, **env)
 
     def stop_worker(self, host: str) -> None:
         """Stop the worker on ``host`` and everything it started (the host's processes)."""

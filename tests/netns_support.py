@@ -114,6 +114,9 @@ class Lab:
         """The host drops off the network: its link goes down on the switch's side too."""
         _ip("-n", self.hosts[host], "link", "set", "eth0", "down")
 
+    def link_up(self, host: str) -> None:
+        _ip("-n", self.hosts[host], "link", "set", "eth0", "up")
+
     def pids(self, host: str) -> list[int]:
         result = subprocess.run(["ip", "netns", "pids", self.hosts[host]], capture_output=True,
                                 text=True)

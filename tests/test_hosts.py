@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -131,6 +132,78 @@ def flow_runs_on(hosts, host: str) -> set[str]:
     return ids
 
 
+def roles(hosts) -> dict[str, tuple[set[str], set[str]]]:
+    """Per worker host: (flow runs with a process there, flow runs with a run there)."""
+    found = {}
+    for host in ("a", "b"):
+        flow_runs, with_runs = set(), set()
+        for pid in hosts.lab.pids(host):
+            try:
+                environ = psutil.Process(pid).environ()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if environ.get("PREFECT__FLOW_RUN_ID"):
+                flow_runs.add(environ["PREFECT__FLOW_RUN_ID"])
+            if environ.get("SIERRA_PREFECT_FLOW_RUN"):  # an experimental run's process
+                with_runs.add(environ["SIERRA_PREFECT_FLOW_RUN"])
+        found[host] = (flow_runs, with_runs)
+    return found
+
+
+def child_host_without_the_parent(hosts) -> str | None:
+    """Once both hosts run runs: a host where only children run (no parent flow run)."""
+    found = roles(hosts)
+    if not all(with_runs for _, with_runs in found.values()):
+        return None
+    every_child = set().union(*(with_runs for _, with_runs in found.values()))
+    return next((h for h, (flow_runs, _) in found.items() if flow_runs <= every_child), None)
+
+
+def test_sierra_spreads_over_hosts_and_outlives_a_lost_one(hosts, tmp_path):
+    """SIERRA (test engine, prefectdeploy.local, --exec-spread 2) on the server host; a
+    worker host running only children is lost mid-stage-2: SIERRA exits 0 with every
+    run's output, all from one `sierra-prefect run`."""
+    from tests import sierra_support as ss
+
+    experiments, runs = 2, 8
+    python = tmp_path / "python-on-server-host"  # SIERRA itself runs on the server host
+    python.write_text(f"#!/bin/sh\nexec {' '.join(hosts.lab.argv('server', [sys.executable]))} \"$@\"\n")
+    python.chmod(0o755)
+    env = {k: v for k, v in hosts.env.items() if k != "SIERRA_PREFECT_DATABASE_URL"}
+    root = tmp_path / "sierra-root"
+    done = []
+
+    def lose_a_host() -> None:
+        lost = wait_until(lambda: child_host_without_the_parent(hosts), 240,
+                          "runs on both hosts", interval=0.5)
+        hosts.lose(lost)
+        done.append(lost)
+
+    loser = threading.Thread(target=lose_a_host, daemon=True)
+    loser.start()
+    try:
+        result = ss.run_sierra(
+            root, execenv="prefectdeploy.local", n_runs=runs, n_experiments=experiments,
+            python=str(python), env=ss.sierra_env(base=env),
+            extra_args=["--exec-strict", "--exec-spread", "2", "--toysim-duration", "1.5"],
+            timeout=400)
+        loser.join(timeout=5)
+    finally:
+        for host in ("a", "b"):
+            if host not in hosts.workers:
+                hosts.revive(host)
+    assert done, "no host was lost: the batch ended first"
+    assert result.returncode == 0, result.stdout[-4000:]
+    batch = ss.expected_batch_root(root, experiments)
+    assert len(ss.expected_outputs(batch)) == experiments * runs
+    assert ss.missing_outputs(batch) == []
+    markers = list(root.rglob("sierra-prefect/runs/*/done.json"))
+    assert len(markers) == experiments * runs
+    by = Counter(json.loads(m.read_text())["worker"] for m in markers)
+    assert by[f"worker-{'b' if done[0] == 'a' else 'a'}"] > 0, by
+    print(f"\nSIERRA: host {done[0]} lost; every run done; runs per worker: {dict(by)}")
+
+
 def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
     batch, scratch, who = recording_batch(tmp_path, 1.0)
     started = tmp_path / "run.out"
@@ -147,9 +220,7 @@ def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
         wait_until(lambda: len(list(who.iterdir())) >= 4, 120, "some runs done")
         lost = next(h for h in ("a", "b") if parent not in flow_runs_on(hosts, h))
         done_before = len(list(who.iterdir()))
-        hosts.lab.link_down(lost)
-        killed = hosts.lab.kill_all(lost)
-        hosts.workers.pop(lost)
+        killed = hosts.lose(lost)
         lost_at = time.monotonic()
         assert killed, f"nothing ran on host {lost}"
         # The bound: the lease goes stale, a worker takes the runs left (a poll), and they
