@@ -205,7 +205,7 @@ def test_sierra_spreads_over_hosts_and_outlives_a_lost_one(hosts, tmp_path):
 
 
 def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
-    batch, scratch, who = recording_batch(tmp_path, 1.0)
+    batch, scratch, who = recording_batch(tmp_path, 0.5)
     started = tmp_path / "run.out"
     with open(started, "w") as out:
         run = hosts.cli_popen("run", "sierra/local", "--input-root", str(batch),
