@@ -190,6 +190,13 @@ def read_marker(scratch_root: Path, run: RunSpec) -> dict | None:
     return record if isinstance(record, dict) and record.get("command") == run.command else None
 
 
+def done_in(scratch_root: Path, run: RunSpec, batch: str | None) -> bool:
+    """Done: by any batch (``batch`` None: resume), else by that batch (``--no-resume``:
+    earlier batches' markers do not count)."""
+    record = read_marker(scratch_root, run)
+    return record is not None and (batch is None or record.get("batch") == batch)
+
+
 def is_done(scratch_root: Path, run: RunSpec) -> bool:
     """A run is done when its marker exists and records this exact command."""
     return read_marker(scratch_root, run) is not None

@@ -354,7 +354,7 @@ def _crashed_record(run: RunSpec, scratch: Path, error: BaseException) -> RunRec
 
 
 def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunResources,
-              tracker: Tracker, logger, claims: Claims | None = None,
+              tracker: Tracker, logger, claims: Claims | None = None, batch: str | None = None,
               ) -> tuple[int, list[FailedRun], dict[str, int]]:
     """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs, runs that
     succeeded after a retry with their attempts).
@@ -373,7 +373,7 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
         limits = RunLimits(resources.timeout, placement.cpus, resources.memory,
                            on_memory=(lambda rss: memory.seen(id(run), rss)) if memory else None)
         return execute_run(run, scratch, Path(workdir), limits, flow_run_id, placement.attempt,
-                           live)
+                           live, batch)
 
     def done(run: RunSpec, record: RunRecord) -> None:
         if record.ok and record.attempts > 1:
@@ -488,6 +488,7 @@ def sierra(
                         "spread_group": str(get_run_context().flow_run.id)},
             job_variables=get_run_context().flow_run.job_variables or None,
             scratch=scratch, logger=logger, tags=list(get_run_context().flow_run.tags or []),
+            batch=None if resume else str(get_run_context().flow_run.id),
         )
         flow_run_id = get_run_context().flow_run.id
         # The children are scheduled and watched from a thread; meanwhile this flow run
@@ -497,10 +498,10 @@ def sierra(
                                    args=(fan.run_catching, todo, spread), name="fan-out")
         watcher.start()
         try:
-            with _shared(scratch, str(flow_run_id)) as claims, \
+            with _shared(scratch, str(flow_run_id), str(flow_run_id), resume) as claims, \
                     Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
                 _, own_failed, retried = _run_here(todo, scratch, workdir or str(inp), resources,
-                                                   tracker, logger, claims)
+                                                   tracker, logger, claims, str(flow_run_id))
             fan.ended_here(own_failed)
         except BaseException:
             fan.stop()
@@ -526,10 +527,12 @@ def sierra(
                         f", up to {resources.retries} retries" if resources.retries else "")
             _end_stragglers(scratch, todo, logger)
             flow_run_id = get_run_context().flow_run.id
-            with (_shared(scratch, str(flow_run_id)) if spread_group else nullcontext()) as claims, \
+            with (_shared(scratch, str(flow_run_id), spread_group, resume) if spread_group
+                  else nullcontext()) as claims, \
                     Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
                 succeeded, failed_runs, retried = _run_here(todo, scratch, workdir or str(inp),
-                                                            resources, tracker, logger, claims)
+                                                            resources, tracker, logger, claims,
+                                                            spread_group)
                 skipped += tracker.ran_elsewhere
         workers = {worker: succeeded + len(failed_runs)}
 
@@ -545,11 +548,13 @@ def sierra(
 
 
 @contextmanager
-def _shared(scratch: Path, flow_run_id: str) -> Iterator[Claims]:
-    """A spread child's side of the shared queue: its lease, renewed while it runs, and
-    the claims through which it takes runs (flows/spread.py)."""
+def _shared(scratch: Path, flow_run_id: str, batch: str, resume: bool) -> Iterator[Claims]:
+    """A spread batch's flow run's side of the shared queue: its lease, renewed while it
+    runs, and the claims through which it takes runs (flows/spread.py). Without resume,
+    only markers of this batch (``batch``: the parent's id) count as done."""
     with get_client(sync_client=True) as client, Lease(scratch, flow_run_id):
-        yield Claims(scratch, flow_run_id, Liveness(scratch, client, lost_after()))
+        yield Claims(scratch, flow_run_id, Liveness(scratch, client, lost_after()),
+                     None if resume else batch)
 
 
 def _deployment_name() -> str | None:

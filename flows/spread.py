@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.plan import STATE_DIR, RunSpec, is_done, read_marker, run_dir, write_atomically
+from flows.plan import STATE_DIR, RunSpec, done_in, read_marker, run_dir, write_atomically
 from flows.summary import BatchSummary, FailedRun, read_summary
 from sierra_prefect.wake import wake_own_worker
 
@@ -183,8 +183,10 @@ class Claims:
     flow-run id. The newest generation holds the run; a claim of an owner that is no
     longer live is taken over by making the next generation."""
 
-    def __init__(self, scratch: Path, owner: str, liveness: Liveness) -> None:
-        self.scratch, self.owner, self.liveness = scratch, owner, liveness
+    def __init__(self, scratch: Path, owner: str, liveness: Liveness,
+                 batch: str | None = None) -> None:
+        """``batch``: the spread batch's id when earlier markers do not count (no resume)."""
+        self.scratch, self.owner, self.liveness, self.batch = scratch, owner, liveness, batch
 
     def _dir(self, run: RunSpec) -> Path:
         return run_dir(self.scratch, run) / "claims"
@@ -221,7 +223,7 @@ class Claims:
     def claim(self, run: RunSpec) -> bool:
         """True if this flow run may run ``run`` now (it holds the newest claim)."""
         for _ in range(100):  # each pass loses only to another claimant: bounded anyway
-            if is_done(self.scratch, run):
+            if done_in(self.scratch, run, self.batch):
                 return False
             held = self.holder(run)
             if held is None:
@@ -255,6 +257,7 @@ class FanOut:
     scratch: Path
     logger: object
     tags: list[str] = field(default_factory=list)  # the parent's: the batch's tag
+    batch: str | None = None  # set without resume: only this batch's markers count
     succeeded: int = 0
     failed_runs: list[FailedRun] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
@@ -292,7 +295,7 @@ class FanOut:
         recoveries = 0
         with get_client(sync_client=True) as client:
             liveness = Liveness(self.scratch, client, lost)
-            claims = Claims(self.scratch, "parent", liveness)
+            claims = Claims(self.scratch, "parent", liveness, self.batch)
             try:
                 while not self._stop.is_set():
                     self._submit_due(pending, active)
@@ -300,7 +303,8 @@ class FanOut:
                         break
                     found_lost = self._poll_children(client, liveness, active, pending, lost)
                     left = [r for r in todo
-                            if not is_done(self.scratch, r) and r.run_id not in self._ended]
+                            if not done_in(self.scratch, r, self.batch)
+                            and r.run_id not in self._ended]
                     if not left:
                         # Every run is done: children no worker took yet would find
                         # nothing to do; cancel them rather than wait for a poll.
@@ -378,7 +382,7 @@ class FanOut:
         self.succeeded, self.workers = 0, {}
         for run in todo:
             record = read_marker(self.scratch, run)
-            if record is not None:
+            if record is not None and (self.batch is None or record.get("batch") == self.batch):
                 self.succeeded += 1
                 worker = record.get("worker") or "unknown"
                 self.workers[worker] = self.workers.get(worker, 0) + 1

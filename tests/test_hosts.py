@@ -118,6 +118,15 @@ def test_spread_runs_on_both_hosts_each_run_once(hosts, tmp_path):
     assert set(per_worker) == {"worker-a", "worker-b"}, f"not both hosts: {per_worker}"
     print(f"\nruns per worker host: {dict(per_worker)}")
 
+    # Again without resume: every run once more (the earlier markers do not count).
+    again = hosts.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
+                      str(scratch), "--spread", "2", "--no-resume", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["total"], summary["succeeded"], summary["skipped"]) == (RUNS, RUNS, 0)
+    lines = {f.name: len(f.read_text().split()) for f in who.iterdir()}
+    assert set(lines.values()) == {2}, f"runs not run exactly once more: {lines}"
+
 
 def flow_runs_on(hosts, host: str) -> set[str]:
     """Flow runs whose processes run on ``host`` (their engines' environment says which)."""

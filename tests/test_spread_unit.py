@@ -73,6 +73,16 @@ def test_a_done_run_is_never_claimed(tmp_path, run):
     assert not Claims(tmp_path, "child-1", Owners("child-1")).claim(run)
 
 
+def test_without_resume_only_this_batchs_markers_count(tmp_path, run):
+    mark_done(tmp_path, run, {"exit_code": 0, "batch": "earlier-batch"})
+    owners = Owners("child-1")
+    assert not Claims(tmp_path, "child-1", owners).claim(run)  # resume: done is done
+    assert Claims(tmp_path, "child-1", owners, batch="this-batch").claim(run)
+    mark_done(tmp_path, run, {"exit_code": 0, "batch": "this-batch"})
+    other = plan_runs(tmp_path, ["echo one"])[0]
+    assert not Claims(tmp_path, "child-2", Owners("child-2"), batch="this-batch").claim(other)
+
+
 def test_a_lease_goes_stale_only_when_it_stops_changing(tmp_path):
     liveness = Liveness(tmp_path, client=None, lost_after=0.3)
     lease = Lease(tmp_path, "child-1")
