@@ -306,10 +306,11 @@ class FanOut:
                             if not done_in(self.scratch, r, self.batch)
                             and r.run_id not in self._ended]
                     if not left:
-                        # Every run is done: children no worker took yet would find
-                        # nothing to do; cancel them rather than wait for a poll.
+                        # Every run is done: children with no lease (not taken yet, still
+                        # starting, or lost before they took a run) would find nothing
+                        # to do; cancel them rather than wait for a poll or a heartbeat.
                         pending.clear()
-                        self._cancel_unstarted(client, active)
+                        self._cancel_idle(client, active, liveness)
                     if not left and not active:
                         self._count_from_markers(todo)
                         return
@@ -417,16 +418,18 @@ class FanOut:
         self._lost_children.append(str(child_id))
 
     @staticmethod
-    def _cancel_unstarted(client, active: dict) -> None:
+    def _cancel_idle(client, active: dict, liveness: Liveness) -> None:
         from prefect.states import Cancelled
 
         for child_id in list(active):
+            if (liveness.leases / str(child_id)).exists():
+                continue  # it runs (or ran) runs: it ends by itself, or its lease goes stale
             state = client.read_flow_run(child_id).state
-            if state is not None and state.is_scheduled():
-                result = client.set_flow_run_state(
-                    child_id, Cancelled(message="every run of the batch is done"))
-                if getattr(result, "status", None) is not None and result.status.value == "ACCEPT":
-                    del active[child_id]
+            if state is not None and state.is_final():
+                continue  # collected at the next poll
+            client.set_flow_run_state(
+                child_id, Cancelled(message="every run of the batch is done"), force=True)
+            del active[child_id]
 
     @staticmethod
     def _cancel(client, active: dict) -> None:
