@@ -24,7 +24,6 @@ Needs root, iproute2 and PostgreSQL; under CI=true a missing one fails the tests
 from __future__ import annotations
 
 import json
-import re
 import sys
 import threading
 import time
@@ -42,7 +41,6 @@ from tests.postgres_support import _skip_reason as postgres_missing
 RUNS = 40
 LOST_AFTER = 10.0  # SIERRA_PREFECT_HOST_LOST_AFTER on the worker hosts
 POLL = "2"  # PREFECT_WORKER_QUERY_SECONDS on the worker hosts (the README's advice)
-FLOW_RUN_LINE = re.compile(r"flow run \S+ \(([0-9a-f-]{36})\) of ")
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +126,6 @@ def test_spread_runs_on_both_hosts_each_run_once(hosts, tmp_path):
     assert set(lines.values()) == {2}, f"runs not run exactly once more: {lines}"
 
 
-def flow_runs_on(hosts, host: str) -> set[str]:
-    """Flow runs whose processes run on ``host`` (their engines' environment says which)."""
-    ids = set()
-    for pid in hosts.lab.pids(host):
-        try:
-            environ = psutil.Process(pid).environ()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if environ.get("PREFECT__FLOW_RUN_ID"):
-            ids.add(environ["PREFECT__FLOW_RUN_ID"])
-    return ids
-
-
 def roles(hosts) -> dict[str, tuple[set[str], set[str]]]:
     """Per worker host: (flow runs with a process there, flow runs with a run there)."""
     found = {}
@@ -159,13 +144,20 @@ def roles(hosts) -> dict[str, tuple[set[str], set[str]]]:
     return found
 
 
-def child_host_without_the_parent(hosts) -> str | None:
-    """Once both hosts run runs: a host where only children run (no parent flow run)."""
+def spread_parents(root: Path) -> set[str]:
+    """The parent flow runs of spread batches under ``root``: their children's per-worker
+    slots live in ``<scratch>/sierra-prefect/spread/<parent id>/`` (flows/spread.py)."""
+    return {d.name for d in root.rglob("sierra-prefect/spread/*")
+            if d.is_dir() and d.name != "leases"}
+
+
+def child_host_without_the_parent(hosts, root: Path) -> str | None:
+    """Once both hosts run runs: the host where the parent flow run does not run."""
+    parents = spread_parents(root)
     found = roles(hosts)
-    if not all(with_runs for _, with_runs in found.values()):
+    if not parents or not all(with_runs for _, with_runs in found.values()):
         return None
-    every_child = set().union(*(with_runs for _, with_runs in found.values()))
-    return next((h for h, (flow_runs, _) in found.items() if flow_runs <= every_child), None)
+    return next((h for h, (flow_runs, _) in found.items() if not flow_runs & parents), None)
 
 
 def test_sierra_spreads_over_hosts_and_outlives_a_lost_one(hosts, tmp_path):
@@ -183,7 +175,7 @@ def test_sierra_spreads_over_hosts_and_outlives_a_lost_one(hosts, tmp_path):
     done = []
 
     def lose_a_host() -> None:
-        lost = wait_until(lambda: child_host_without_the_parent(hosts), 240,
+        lost = wait_until(lambda: child_host_without_the_parent(hosts, root), 240,
                           "runs on both hosts", interval=0.5)
         hosts.lose(lost)
         done.append(lost)
@@ -221,13 +213,9 @@ def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
                               "--scratch-root", str(scratch), "--spread", "2",
                               stdout=out, stderr=out)
     try:
-        parent = wait_until(lambda: FLOW_RUN_LINE.search(started.read_text()), 120,
-                            "the flow run's id").group(1)
-        # Both hosts run runs of the batch (a run's process has its flow run in its env).
-        wait_until(lambda: all(flow_runs_on(hosts, h) - {parent} for h in ("a", "b")), 120,
-                   "a child flow run on each host")
-        wait_until(lambda: len(list(who.iterdir())) >= 4, 120, "some runs done")
-        lost = next(h for h in ("a", "b") if parent not in flow_runs_on(hosts, h))
+        # A host where only children run, once both run runs (a run is in flight there).
+        lost = wait_until(lambda: child_host_without_the_parent(hosts, scratch), 120,
+                          "runs on both hosts", interval=0.2)
         done_before = len(list(who.iterdir()))
         killed = hosts.lose(lost)
         lost_at = time.monotonic()
