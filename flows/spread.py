@@ -153,6 +153,19 @@ class Liveness:
             return False
         return now - seen[1] > self.lost_after
 
+    def declare_lost(self, owner: str) -> None:
+        """Set the owner Crashed on the server: every other observer (a child that would
+        see the lease for the first time, a re-trigger, `sierra-prefect run` following
+        it) learns it at once, not after Prefect's 90 s heartbeat verdict."""
+        from prefect.states import Crashed
+
+        try:
+            self.client.set_flow_run_state(owner, Crashed(
+                message=f"no lease renewal for {self.lost_after:g} s: its host is lost (or its "
+                        "process is gone)"), force=True)
+        except Exception:  # the verdict stands here; the next observer tries again
+            pass
+
     def mark_dead(self, owner: str) -> None:
         self._dead.add(owner)
         self._answer.pop(owner, None)
@@ -164,13 +177,15 @@ class Liveness:
         cached = self._answer.get(owner)
         if cached and now - cached[1] < self.cache_seconds:
             return cached[0]
-        live = not self.lease_stale(owner)
-        if live:
-            try:
-                state = self.client.read_flow_run(owner).state
-                live = not (state and state.is_final())
-            except Exception:  # unknown to this server: nothing vouches for it
-                live = False
+        stale = self.lease_stale(owner)
+        try:
+            state = self.client.read_flow_run(owner).state
+            live = not (state and state.is_final())
+        except Exception:  # unknown to this server: nothing vouches for it
+            live = False
+        if live and stale:
+            self.declare_lost(owner)
+            live = False
         if not live:
             self._dead.add(owner)
         self._answer[owner] = (live, now)
@@ -360,18 +375,15 @@ class FanOut:
                        lost: float) -> bool:
         """Collect the children that ended; set Crashed those whose lease went stale (True
         if any did)."""
-        from prefect.states import Crashed
-
         found_lost = False
         for child_id in list(active):
             state = client.read_flow_run(child_id).state
             if state and state.is_final():
                 self._collect(client, child_id, state, active.pop(child_id), pending)
             elif liveness.lease_stale(str(child_id)):
-                message = (f"no lease renewal for {lost:g} s: its host is lost (or the flow "
-                           "run's process is gone)")
-                self.logger.warning("child flow run %s: %s; setting it Crashed", child_id, message)
-                client.set_flow_run_state(child_id, Crashed(message=message), force=True)
+                self.logger.warning("child flow run %s: no lease renewal for %g s: its host is "
+                                    "lost; setting it Crashed", child_id, lost)
+                liveness.declare_lost(str(child_id))
                 liveness.mark_dead(str(child_id))
                 (liveness.leases / str(child_id)).unlink(missing_ok=True)  # nobody renews it
                 found_lost = True

@@ -39,6 +39,7 @@ from tests.netns_support import unavailable
 from tests.postgres_support import _skip_reason as postgres_missing
 
 RUNS = 40
+LOSS_RUNS = 24  # the host-loss batches (time: every run of them on one CPU after the loss)
 LOST_AFTER = 10.0  # SIERRA_PREFECT_HOST_LOST_AFTER on the worker hosts
 POLL = "2"  # PREFECT_WORKER_QUERY_SECONDS on the worker hosts (the README's advice)
 
@@ -61,28 +62,28 @@ def hosts(tmp_path_factory) -> Iterator:
         lab.close()
 
 
-def recording_batch(tmp: Path, seconds: float) -> tuple[Path, Path, Path]:
-    """RUNS runs that each sleep, then append the worker that ran them to ``who/rN``; a
+def recording_batch(tmp: Path, seconds: float, n: int = RUNS) -> tuple[Path, Path, Path]:
+    """``n`` runs that each sleep, then append the worker that ran them to ``who/rN``; a
     run killed before its end appends nothing."""
     who = tmp / "who"
     who.mkdir()
-    commands = [f"sleep {seconds}; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(RUNS)]
+    commands = [f"sleep {seconds}; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(n)]
     batch, scratch = make_batch(tmp, commands)
     return batch, scratch, who
 
 
-def ran_once(who: Path) -> Counter:
+def ran_once(who: Path, n: int = RUNS) -> Counter:
     """Per worker, the runs it completed; asserts every run completed exactly once."""
     executions = {f.name: f.read_text().split() for f in who.iterdir()}
-    assert sorted(executions) == sorted(f"r{i}" for i in range(RUNS)), "every run completed"
+    assert sorted(executions) == sorted(f"r{i}" for i in range(n)), "every run completed"
     twice = {name: ran for name, ran in executions.items() if len(ran) != 1}
     assert not twice, f"runs completed more than once: {twice}"
     return Counter(ran[0] for ran in executions.values())
 
 
-def ledger(scratch: Path) -> Counter:
+def ledger(scratch: Path, n: int = RUNS) -> Counter:
     markers = list((scratch / "sierra-prefect" / "runs").glob("*/done.json"))
-    assert len(markers) == RUNS, f"{len(markers)} success markers for {RUNS} runs"
+    assert len(markers) == n, f"{len(markers)} success markers for {n} runs"
     return Counter(json.loads(m.read_text())["worker"] for m in markers)
 
 
@@ -206,7 +207,7 @@ def test_sierra_spreads_over_hosts_and_outlives_a_lost_one(hosts, tmp_path):
 
 
 def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
-    batch, scratch, who = recording_batch(tmp_path, 0.5)
+    batch, scratch, who = recording_batch(tmp_path, 0.5, LOSS_RUNS)
     started = tmp_path / "run.out"
     with open(started, "w") as out:
         run = hosts.cli_popen("run", "sierra/local", "--input-root", str(batch),
@@ -222,22 +223,66 @@ def test_a_host_lost_mid_batch_still_ends_with_every_run_done(hosts, tmp_path):
         assert killed, f"nothing ran on host {lost}"
         # The bound: the lease goes stale, a worker takes the runs left (a poll), and they
         # run; generous for a loaded 2-core machine, far below Prefect's 90 s heartbeats.
-        bound = LOST_AFTER + 60 + RUNS * 1.0
+        bound = LOST_AFTER + 60 + LOSS_RUNS * 1.0
         code = run.wait(timeout=bound)
         took = time.monotonic() - lost_at
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
+        for host in ("a", "b"):
+            if host not in hosts.workers:
+                hosts.revive(host)
     output = started.read_text()
     assert code == 0, output[-4000:]
-    assert f"{RUNS} runs: {RUNS} succeeded, 0 failed" in output, output[-3000:]
-    per_worker = ran_once(who)
+    assert f"{LOSS_RUNS} runs: {LOSS_RUNS} succeeded, 0 failed" in output, output[-3000:]
+    per_worker = ran_once(who, LOSS_RUNS)
     survivor = f"worker-{'b' if lost == 'a' else 'a'}"
     assert per_worker[survivor] > 0, per_worker
-    assert sum(ledger(scratch).values()) == RUNS
+    assert sum(ledger(scratch, LOSS_RUNS).values()) == LOSS_RUNS
     print(f"\nhost {lost} lost after {done_before} runs; the batch ended {took:.1f} s later; "
           f"runs per worker: {dict(per_worker)}")
+
+
+def test_the_parents_host_lost_the_same_run_again_finishes_the_batch(hosts, tmp_path):
+    """The host running the parent flow run is lost: the documented re-trigger (the same
+    `sierra-prefect run`, at once, without waiting for Prefect's 90 s heartbeat verdict on
+    the first) ends 0 with every run completed exactly once: the children still running
+    keep their runs, the lost parent's runs are taken over once its lease is stale."""
+    batch, scratch, who = recording_batch(tmp_path, 0.5, LOSS_RUNS)
+    args = ("run", "sierra/local", "--input-root", str(batch), "--scratch-root", str(scratch),
+            "--spread", "2")
+    with open(tmp_path / "first.out", "w") as out:
+        first = hosts.cli_popen(*args, stdout=out, stderr=out)
+    try:
+        def parent_host() -> str | None:
+            parents = spread_parents(scratch)
+            found = roles(hosts)
+            if not parents or not all(with_runs for _, with_runs in found.values()):
+                return None
+            return next((h for h, (flow_runs, _) in found.items() if flow_runs & parents), None)
+
+        lost = wait_until(parent_host, 120, "runs on both hosts", interval=0.2)
+        hosts.lose(lost)
+        again = hosts.cli(*args, "--json", timeout=LOST_AFTER + 60 + LOSS_RUNS * 1.0)
+        # The re-trigger saw the lost parent's lease stale and set it Crashed: the first
+        # `run` (SIERRA's command) ends too, non-zero, without the 90 s heartbeat verdict.
+        first_code = first.wait(timeout=60)
+    finally:
+        if first.poll() is None:  # it would wait for the heartbeat automation (90 s)
+            first.kill()
+            first.wait()
+        for host in ("a", "b"):
+            if host not in hosts.workers:
+                hosts.revive(host)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["failed"] == 0 and summary["succeeded"] + summary["skipped"] == LOSS_RUNS, summary
+    assert first_code not in (0, None), (tmp_path / "first.out").read_text()[-2000:]
+    ran_once(who, LOSS_RUNS)
+    assert sum(ledger(scratch, LOSS_RUNS).values()) == LOSS_RUNS
+    print(f"\nparent's host {lost} lost; the re-trigger finished the batch: "
+          f"{summary['succeeded']} run by it, {summary['skipped']} done before")
 
 
 @pytest.mark.parametrize("case", ["open", "missing"])
