@@ -1,24 +1,27 @@
 """Spreading one batch over the workers of a pool (``spread=N``).
 
-The parent flow run schedules N child flow runs of the same deployment, each offered
-every run still to do. The children share the runs through **claims** on the scratch
-root (the shared file system every worker host sees): before a run starts, its child
-creates the run's claim file exclusively; a run claimed by a live sibling is left to
-it. So the first worker to start a child works through the whole batch at its cap, and
-each worker that joins later takes runs from the same queue at once: spreading is never
-slower than the first host alone, however late the others poll.
+The parent flow run schedules N child flow runs of the same deployment (``FanOut``, in a
+thread) and meanwhile runs runs itself; the parent and every child are offered every run
+still to do and share them through **claims** on the scratch root (the shared file
+system every worker host sees): before a run starts, its flow run creates the run's claim
+file exclusively; a run claimed by a live sibling is left to it. So the parent works
+through the batch at its cap from the start, as a batch without spread would, and each
+worker that takes a child joins the same queue at once: spreading is never slower than
+one host, however late the others poll.
 
 Our worker type (sierra_prefect/worker_types.py) takes at most one child of a batch at a
 time, and leaves the others Scheduled for other workers; a child that still lands on a
 worker busy with a sibling (another worker type) declines, and the parent schedules it
 again later (the lock file per worker and batch).
 
-A lost host: every child renews a **lease** (a counter in a file under the scratch root)
-every ``LEASE_SECONDS``. A child whose lease has not changed for ``lost_after`` seconds
-(``SIERRA_PREFECT_HOST_LOST_AFTER``, default 30), as seen by the parent's own clock, is
-set Crashed; its claims may then be taken over, and the parent schedules the runs it left
-(no success marker, no failure reported) as a new child. A run that was in flight on the
-lost host starts again elsewhere (a new attempt, its own logs).
+A lost host: every flow run of the batch renews a **lease** (a counter in a file under
+the scratch root) every ``LEASE_SECONDS``. An owner whose lease has not changed for
+``lost_after`` seconds (``SIERRA_PREFECT_HOST_LOST_AFTER``, default 30), as seen by the
+observer's own clock, is set Crashed on the server (so every other observer agrees at
+once); its claims may then be taken over, and the parent schedules the runs a lost child
+left (no success marker, no failure reported) as a new child. A run that was in flight on
+the lost host starts again elsewhere (a new attempt, its own logs). Without resume only
+markers of this batch (the parent's id, recorded in each marker) count as done.
 """
 
 from __future__ import annotations
