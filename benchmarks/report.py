@@ -43,6 +43,12 @@ ROW_KEYS = (
     "cores_max_at_once",
     "cores_shared",
 )
+# Rows of items a run may leave out (item 9 is not part of --smoke): shown when measured.
+OPTIONAL_ROW_KEYS = (
+    "hosts_wall",
+    "hosts_span",
+    "hosts_share",
+)
 
 # The targets of issue 9 ("Scale").
 OVERHEAD_RATIO = 1.3  # ours / GNU parallel, end to end, item 2
@@ -353,13 +359,45 @@ def _cores_rows(results: dict, cfg: dict, rows: dict[str, Row]) -> None:
         ours_samples=o)
 
 
+def _hosts_rows(results: dict, cfg: dict, rows: dict[str, Row]) -> None:
+    h = results.get("hosts")
+    if not h:
+        return
+    v, n = h.get("variants") or {}, h.get("n") or 0
+    spread, one = _values(v.get("spread", []), "wall"), _values(v.get("one", []), "wall")
+    ratios = pairwise_ratios(spread, one)
+    rows["hosts_wall"] = Row(
+        "hosts_wall", "9", f"{n} runs of `sleep {h.get('seconds', 1):g}` on 2 worker hosts (network "
+        "namespaces, 1 CPU each, stock 10 s poll): wall time of `run --spread 2` (s)",
+        _cell(spread), f"one host (no `--spread`): {_cell(one)}", _ratio(spread, one),
+        "≤ 1.0 × one host", _met(None if not ratios else median(ratios) <= 1.0),
+        ours_samples=spread)
+    spread_span, one_span = _values(v.get("spread", []), "span"), _values(v.get("one", []), "span")
+    first_spread, first_one = (_values(v.get(k, []), "first_run") for k in ("spread", "one"))
+    rows["hosts_span"] = Row(
+        "hosts_span", "9", "the same: first run's start to last run's end (s); in brackets the "
+        "wait for the first run (a 10 s poll, cold start)",
+        f"{_cell(spread_span)} [{_cell(first_spread, 1)}]",
+        f"one host: {_cell(one_span)} [{_cell(first_one, 1)}]", _ratio(spread_span, one_span),
+        "< 1.0 × one host", _met(None if not pairwise_ratios(spread_span, one_span)
+                                  else median(pairwise_ratios(spread_span, one_span)) < 1.0),
+        ours_samples=spread_span)
+    shares = ["/".join(str(s.get("workers", {}).get(w, 0)) for w in ("worker-a", "worker-b"))
+              for s in v.get("spread", [])]
+    rows["hosts_share"] = Row(
+        "hosts_share", "9", "`--spread 2`: runs done by host A / host B (every repeat)",
+        ", ".join(shares) or "n/a", target="both hosts > 0",
+        met=_met(None if not shares else all("/0" not in s and not s.startswith("0/")
+                                              for s in shares)))
+
+
 def build_rows(results: dict) -> list[Row]:
     rows: dict[str, Row] = {}
     cfg = results["config"]
     for part in (_concurrency_rows, _overhead_rows, _trigger_rows, _bringup_rows, _sierra_rows,
-                 _memory_rows, _scale_rows, _cores_rows):
+                 _memory_rows, _scale_rows, _cores_rows, _hosts_rows):
         part(results, cfg, rows)
-    return [rows[k] for k in ROW_KEYS if k in rows]
+    return [rows[k] for k in (*ROW_KEYS, *OPTIONAL_ROW_KEYS) if k in rows]
 
 
 def _item_loads(results: dict) -> str:

@@ -13,7 +13,9 @@ Measures, in one run on this machine, side by side (see benchmarks/README.md):
 6. peak memory of the server and the worker,
 7. scale: a 20,000-run batch (API reads, server log, memory growth against 2,000 runs),
 8. cores: CPU-bound runs of 2 busy processes each, cap by runs (GNU parallel) vs cores per
-   run + pinning.
+   run + pinning,
+9. hosts: one batch over two worker hosts (network namespaces, ``--spread 2``) vs one host
+   (needs root, iproute2 and PostgreSQL; not part of ``--smoke`` unless named in ``--only``).
 
 Writes ``--out`` (default ``BENCHMARKS.md`` at the repository root), the plot at
 ``<out dir>/benchmarks/plot.png`` and the raw results as JSON under
@@ -48,11 +50,15 @@ if TYPE_CHECKING:
 CAP = min(4, len(os.sched_getaffinity(0)))
 FULL = dict(concurrency_n=64, concurrency_seconds=0.5, cap=CAP, overhead_n=2000,
             sierra_experiments=5, sierra_runs=4, sierra_duration=0.5, tag_deadline=600.0,
-            scale_n=20000, scale_timeout=2400.0, cores_runs_per_cpu=4, cores_work=1.0)
+            scale_n=20000, scale_timeout=2400.0, cores_runs_per_cpu=4, cores_work=1.0,
+            hosts_n=24)
 SMOKE = dict(concurrency_n=8, concurrency_seconds=0.2, cap=2, overhead_n=20,
              sierra_experiments=2, sierra_runs=2, sierra_duration=0.0, tag_deadline=120.0,
-             scale_n=200, scale_timeout=300.0, cores_runs_per_cpu=2, cores_work=0.1)
-ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale", "cores")
+             scale_n=200, scale_timeout=300.0, cores_runs_per_cpu=2, cores_work=0.1,
+             hosts_n=4)
+ITEMS = ("bringup", "concurrency", "trigger", "overhead", "sierra", "scale", "cores", "hosts")
+# Left out of --smoke unless named in --only: it builds network namespaces and PostgreSQL.
+NOT_IN_SMOKE = ("hosts",)
 
 PROJECT = Path(__file__).resolve().parent.parent
 NOTES = Path(__file__).resolve().parent / "NOTES.md"
@@ -97,7 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--cores-n must be at least 1")
     if args.cores_work is not None and args.cores_work <= 0:
         parser.error("--cores-work must be above 0")
-    args.only = set(ITEMS if args.only is None else args.only.split(","))
+    default = [i for i in ITEMS if not (args.smoke and i in NOT_IN_SMOKE)]
+    args.only = set(default if args.only is None else args.only.split(","))
     unknown = args.only - set(ITEMS)
     if unknown:
         parser.error(f"unknown items {', '.join(sorted(unknown))}: choose from {', '.join(ITEMS)}")
@@ -248,7 +255,7 @@ def _bring_up(only: set[str], work: Path, repeat: int, stacks: list[Stack],
 
 def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Callable[[], dict]]]:
     """The measurements after bring-up, in the order a real run takes them."""
-    from benchmarks import concurrency, cores, overhead, scale, sierra_e2e, trigger_latency
+    from benchmarks import concurrency, cores, hosts, overhead, scale, sierra_e2e, trigger_latency
 
     c = config
     return [
@@ -264,6 +271,7 @@ def _jobs(stack: Stack | None, work: Path, config: dict) -> list[tuple[str, Call
         ("cores", lambda: cores.measure(stack, work, c["repeat"], c["cores_n"], c["cores_work"])),
         ("scale", lambda: scale.measure(stack, work, c["scale_n"], c["overhead_n"], c["cap"],
                                         c["scale_timeout"])),
+        ("hosts", lambda: hosts.measure(work, c["repeat"], c["hosts_n"])),
     ]
 
 

@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -332,7 +333,8 @@ class RunRecord:
 
 
 def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_id: str,
-                attempts: int = 1, live: LiveRuns | None = None) -> RunRecord:
+                attempts: int = 1, live: LiveRuns | None = None,
+                batch: str | None = None) -> RunRecord:
     """One attempt of ``run``: new attempt logs, the command in its own process group,
     the success marker (atomically) if it exited 0. ``attempts`` counts this one."""
     from datetime import UTC, datetime
@@ -360,5 +362,9 @@ def execute_run(run, scratch: Path, workdir: Path, limits: RunLimits, flow_run_i
             "seconds": record.seconds, "attempt": record.attempt, "attempts": attempts,
             "cpus": cpus, "peak_memory": record.peak_memory, "stdout": record.stdout,
             "stderr": record.stderr, "finished": datetime.now(UTC).isoformat(),
+            # Who ran it, and for which batch (a spread batch's parent flow run): the
+            # ledger says so (flows/spread.py).
+            "worker": os.environ.get("PREFECT__WORKER_NAME") or socket.gethostname(),
+            "flow_run": flow_run_id, "batch": batch or flow_run_id,
         })
     return record

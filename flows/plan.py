@@ -182,13 +182,26 @@ def run_dir(scratch_root: Path, run: RunSpec) -> Path:
     return scratch_root / STATE_DIR / "runs" / run.run_id
 
 
-def is_done(scratch_root: Path, run: RunSpec) -> bool:
-    """A run is done when its marker exists and records this exact command."""
+def read_marker(scratch_root: Path, run: RunSpec) -> dict | None:
+    """The run's success marker, if it exists and records this exact command."""
     marker = run_dir(scratch_root, run) / MARKER_NAME
     try:
-        return json.loads(marker.read_text()).get("command") == run.command
+        record = json.loads(marker.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return record if isinstance(record, dict) and record.get("command") == run.command else None
+
+
+def done_in(scratch_root: Path, run: RunSpec, batch: str | None) -> bool:
+    """Done: by any batch (``batch`` None: resume), else by that batch (``--no-resume``:
+    earlier batches' markers do not count)."""
+    record = read_marker(scratch_root, run)
+    return record is not None and (batch is None or record.get("batch") == batch)
+
+
+def is_done(scratch_root: Path, run: RunSpec) -> bool:
+    """A run is done when its marker exists and records this exact command."""
+    return read_marker(scratch_root, run) is not None
 
 
 def attempt_number(log: Path) -> int:

@@ -11,6 +11,10 @@ run now?* Room is, in this order:
    runs on this host through file locks, so the loop re-checks every ``RECHECK_SECONDS``
    even when nothing here ended).
 
+A run shared with other flow runs (the children of a spread batch, flows/spread.py) is
+claimed only when there is room for it (``claim``): a run another flow run holds is
+dropped from this queue (``on_skip``), so a slow host never holds runs it cannot start.
+
 ``has_room``/``admit``/``release`` keep the books under one lock. A run that fails and has
 retries left goes back to the head of the queue after ``retry_delay`` seconds; while it
 waits it holds nothing. The loop runs in the caller's thread (the flow's main thread, so a
@@ -59,6 +63,9 @@ class Scheduler(Generic[Run, Result]):
     held back for ``REPORT_WAIT_SECONDS``. No slot stays idle while a run waits.
     ``stop()`` (e.g. from a SIGTERM handler) admits nothing more and retries nothing.
     """
+
+    _claim: Callable | None = None
+    _on_skip: Callable = staticmethod(lambda run: None)
 
     def __init__(self, cap: int, cpus: CpuSets | None = None, memory: MemoryGate | None = None,
                  retries: int = 0, retry_delay: float = 0.0) -> None:
@@ -132,8 +139,11 @@ class Scheduler(Generic[Run, Result]):
         failed: Callable[[Result], bool] = lambda result: False,
         on_retry: Callable[[Run, Result, Placement], None] = lambda run, result, placement: None,
         on_wait: Callable[[Run, str], None] = lambda run, reason: None,
+        claim: Callable[[Run], bool] | None = None,
+        on_skip: Callable[[Run], None] = lambda run: None,
     ) -> None:
         self._pending = deque(queue)
+        self._claim, self._on_skip = claim, on_skip
         hooks = (execute, on_start, on_done, on_error, failed, on_retry)
         # One thread more than the cap: a thread that just gave its slot back may still
         # be on its way out when the next run is admitted.
@@ -164,6 +174,9 @@ class Scheduler(Generic[Run, Result]):
                 self.waiting_reason = None
                 if self.has_room(head):
                     self._pending.popleft()
+                    if self._claim is not None and not self._claim(head):
+                        self._on_skip(head)  # another flow run has it; the room stays
+                        continue
                     placement = self.admit(head)
                     self.most_at_once = max(self.most_at_once, self.running)
                     return head, placement

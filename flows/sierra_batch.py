@@ -47,6 +47,7 @@ Call it directly (tests, debugging)::
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import threading
@@ -97,7 +98,16 @@ from flows.resources import (
     usable_cpus,
 )
 from flows.scheduler import Placement, Scheduler
-from flows.spread import FanOut, declined_summary, worker_name, worker_slot
+from flows.spread import (
+    Claims,
+    FanOut,
+    Lease,
+    Liveness,
+    declined_summary,
+    lost_after,
+    worker_name,
+    worker_slot,
+)
 from flows.summary import SUMMARY_JSON_KEY, SUMMARY_KEY, BatchSummary, FailedRun
 from flows.tracking import Tracker
 from sierra_prefect.versions import mismatch
@@ -177,6 +187,7 @@ class _Experiments:
         for run in todo:
             self.left[run.experiment] = self.left.get(run.experiment, 0) + 1
         self.ended: dict[str, int] = dict.fromkeys(self.left, 0)
+        self.elsewhere: dict[str, int] = dict.fromkeys(self.left, 0)  # run by a sibling
         self.failed: dict[str, list[RunRecord]] = {name: [] for name in self.left}
         self._ended = {name: threading.Event() for name in self.left}
 
@@ -185,7 +196,14 @@ class _Experiments:
             self.ended[experiment] += 1
             if not record.ok:
                 self.failed[experiment].append(record)
-            if self.ended[experiment] == self.left[experiment]:
+            if self.ended[experiment] + self.elsewhere[experiment] == self.left[experiment]:
+                self._ended[experiment].set()
+
+    def skipped(self, experiment: str) -> None:
+        """Another flow run of a spread batch holds this run: not ours to end."""
+        with self._lock:
+            self.elsewhere[experiment] += 1
+            if self.ended[experiment] + self.elsewhere[experiment] == self.left[experiment]:
                 self._ended[experiment].set()
 
     def release(self) -> None:
@@ -193,11 +211,12 @@ class _Experiments:
         for event in self._ended.values():
             event.set()
 
-    def wait(self, experiment: str) -> tuple[int, list[RunRecord]]:
-        """(runs ended, the failed ones) once the experiment is over."""
+    def wait(self, experiment: str) -> tuple[int, int, list[RunRecord]]:
+        """(runs ended, runs left to siblings, the failed ones) once the experiment is over."""
         self._ended[experiment].wait()
         with self._lock:
-            return self.ended[experiment], list(self.failed[experiment])
+            return (self.ended[experiment], self.elsewhere[experiment],
+                    list(self.failed[experiment]))
 
 
 # The batches running in this process, by flow-run id: how an experiment's task run finds
@@ -211,10 +230,12 @@ def experiment_runs(experiment: str, runs: int, batch: str) -> dict:
     """One SIERRA experiment: waits for its runs (run by the flow's scheduler) to end."""
     experiments, tracker = _BATCHES[batch]
     tracker.task_started(experiment, get_run_context().task_run.id)
-    ended, failed = experiments.wait(experiment)
+    ended, elsewhere, failed = experiments.wait(experiment)
     result = {"experiment": experiment, "runs": runs, "ended": ended,
               "succeeded": ended - len(failed), "failed": len(failed)}
-    if failed or ended < runs:
+    if elsewhere:
+        result["run elsewhere"] = elsewhere
+    if failed or ended + elsewhere < runs:
         names = ", ".join(r.name for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
         return Failed(message=f"{experiment}: {len(failed)} of {runs} runs failed ({names}), "
                               f"{runs - ended} did not end", data=result)
@@ -333,7 +354,8 @@ def _crashed_record(run: RunSpec, scratch: Path, error: BaseException) -> RunRec
 
 
 def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunResources,
-              tracker: Tracker, logger) -> tuple[int, list[FailedRun], dict[str, int]]:
+              tracker: Tracker, logger, claims: Claims | None = None, batch: str | None = None,
+              ) -> tuple[int, list[FailedRun], dict[str, int]]:
     """Run ``todo`` in this flow run under the scheduler; (succeeded, failed runs, runs that
     succeeded after a retry with their attempts).
 
@@ -351,7 +373,7 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
         limits = RunLimits(resources.timeout, placement.cpus, resources.memory,
                            on_memory=(lambda rss: memory.seen(id(run), rss)) if memory else None)
         return execute_run(run, scratch, Path(workdir), limits, flow_run_id, placement.attempt,
-                           live)
+                           live, batch)
 
     def done(run: RunSpec, record: RunRecord) -> None:
         if record.ok and record.attempts > 1:
@@ -369,6 +391,10 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
         logger.info("%s waits for %s", run.name, reason)
         tracker.waiting(reason)
 
+    def skip(run: RunSpec) -> None:
+        tracker.elsewhere(run)
+        experiments.skipped(run.experiment)
+
     cpus = resources.cpu_sets()
     scheduler = Scheduler(resources.cap, cpus, memory, resources.retries, resources.retry_delay)
     try:
@@ -382,6 +408,7 @@ def _run_here(todo: list[RunSpec], scratch: Path, workdir: str, resources: RunRe
                         todo, execute=execute, on_start=tracker.started, on_done=done,
                         on_error=lambda run, exc: _crashed_record(run, scratch, exc),
                         failed=lambda record: not record.ok, on_retry=retry, on_wait=wait,
+                        claim=claims.claim if claims else None, on_skip=skip,
                     )
             finally:
                 experiments.release()
@@ -448,7 +475,8 @@ def sierra(
         deployment = _deployment_name()
         if not deployment:
             raise ValueError("spread needs a deployment: trigger it with `sierra-prefect run --spread N`")
-        logger.info("%d runs (%d already done) spread over %d child flow runs", len(runs), skipped, spread)
+        logger.info("%d runs (%d already done) spread over this flow run and %d child flow "
+                    "runs", len(runs), skipped, spread)
         _end_stragglers(scratch, todo, logger)
         fan = FanOut(
             deployment=deployment,
@@ -460,10 +488,29 @@ def sierra(
                         "spread_group": str(get_run_context().flow_run.id)},
             job_variables=get_run_context().flow_run.job_variables or None,
             scratch=scratch, logger=logger, tags=list(get_run_context().flow_run.tags or []),
+            batch=None if resume else str(get_run_context().flow_run.id),
         )
-        fan.run(todo, spread)
-        succeeded, failed_runs, workers = fan.succeeded, fan.failed_runs, fan.workers
-        retried = {}
+        flow_run_id = get_run_context().flow_run.id
+        # The children are scheduled and watched from a thread; meanwhile this flow run
+        # takes runs from the same queue on its own host, at once: spreading never waits
+        # for a worker's poll to start, and any host that joins only adds to it.
+        watcher = threading.Thread(target=contextvars.copy_context().run,
+                                   args=(fan.run_catching, todo, spread), name="fan-out")
+        watcher.start()
+        try:
+            with _shared(scratch, str(flow_run_id), str(flow_run_id), resume) as claims, \
+                    Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
+                _, own_failed, retried = _run_here(todo, scratch, workdir or str(inp), resources,
+                                                   tracker, logger, claims, str(flow_run_id))
+            fan.ended_here(own_failed)
+        except BaseException:
+            fan.stop()
+            raise
+        finally:
+            watcher.join()
+        fan.raise_error()
+        succeeded, workers = fan.succeeded, fan.workers
+        failed_runs = sorted([*own_failed, *fan.failed_runs], key=lambda r: r.run_id)
     else:
         with worker_slot(scratch, spread_group, worker) if spread_group else nullcontext(True) as slot:
             if not slot:
@@ -480,13 +527,17 @@ def sierra(
                         f", up to {resources.retries} retries" if resources.retries else "")
             _end_stragglers(scratch, todo, logger)
             flow_run_id = get_run_context().flow_run.id
-            with Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
+            with (_shared(scratch, str(flow_run_id), spread_group, resume) if spread_group
+                  else nullcontext()) as claims, \
+                    Tracker(flow_run_id, todo, total=len(runs), skipped=skipped) as tracker:
                 succeeded, failed_runs, retried = _run_here(todo, scratch, workdir or str(inp),
-                                                            resources, tracker, logger)
-        workers = {worker: len(todo)}
+                                                            resources, tracker, logger, claims,
+                                                            spread_group)
+                skipped += tracker.ran_elsewhere
+        workers = {worker: succeeded + len(failed_runs)}
 
     summary = summary.model_copy(update={
-        "succeeded": succeeded, "failed": len(failed_runs), "failed_runs": failed_runs,
+        "succeeded": succeeded, "skipped": skipped, "failed": len(failed_runs), "failed_runs": failed_runs,
         "workers": workers, "retried": retried,
     })
     _publish(summary)
@@ -494,6 +545,16 @@ def sierra(
     if not summary.ok:
         return Failed(message=summary.headline(), data=summary.model_dump(mode="json"))
     return summary.model_dump(mode="json")
+
+
+@contextmanager
+def _shared(scratch: Path, flow_run_id: str, batch: str, resume: bool) -> Iterator[Claims]:
+    """A spread batch's flow run's side of the shared queue: its lease, renewed while it
+    runs, and the claims through which it takes runs (flows/spread.py). Without resume,
+    only markers of this batch (``batch``: the parent's id) count as done."""
+    with get_client(sync_client=True) as client, Lease(scratch, flow_run_id):
+        yield Claims(scratch, flow_run_id, Liveness(scratch, client, lost_after()),
+                     None if resume else batch)
 
 
 def _deployment_name() -> str | None:

@@ -72,6 +72,7 @@ class Tracker:
         self.flow_run_id = flow_run_id
         self.total, self.skipped = total, skipped
         self.succeeded = self.failed = 0
+        self.ran_elsewhere = 0  # runs of a spread batch a sibling flow run holds
         self.flush_seconds = flush_seconds
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,6 +124,15 @@ class Tracker:
         """The next run waits for room that frees up elsewhere (memory, CPUs)."""
         with self._lock:
             self._waiting, self._progress_dirty = reason, True
+
+    def elsewhere(self, run: RunSpec) -> None:
+        """Another flow run of the spread batch holds ``run``: counted as skipped here."""
+        with self._lock:
+            page = self._page_of[run.index]
+            page.ended += 1
+            self.ran_elsewhere += 1
+            self.skipped += 1
+            self._progress_dirty = True
 
     def finished(self, record: RunRecord) -> None:
         with self._lock:

@@ -16,8 +16,10 @@ if [[ "${1:-}" == "--test" ]]; then
     # GNU parallel (SIERRA's hpc.local baseline), a Docker engine, debootstrap for an
     # offline base image, docker-compose for pytest-docker, PostgreSQL for scale tests,
     # Chromium to look at the Prefect UI as a user would, SLURM and munge for a real
-    # single-node cluster (tests/slurm_support.py).
-    apt_install parallel docker.io containerd runc debootstrap docker-compose postgresql chromium slurm-wlm munge
+    # single-node cluster (tests/slurm_support.py), iproute2 (`ip netns`) for test hosts on
+    # a network (tests/netns_support.py).
+    apt_install parallel docker.io containerd runc debootstrap docker-compose postgresql chromium \
+        slurm-wlm munge iproute2
 fi
 
 python=${SIERRA_PREFECT_PYTHON:-$(find_python 3.11 3.12 3.13 3.14 3.15)} ||

@@ -86,9 +86,13 @@ def up(
         None, metavar="PORT|auto",
         help="Server port, or 'auto' (default: 4200 if free, else any free port)."),
     docker: bool = typer.Option(False, "--docker", help="Also start a Docker worker on sierra-docker-pool."),
+    no_worker: bool = typer.Option(
+        False, "--no-worker",
+        help="Start no worker here (a server host: workers run on other hosts)."),
     host: str | None = typer.Option(
         None, metavar="ADDRESS",
-        help="Bind address (default 127.0.0.1; others need SIERRA_PREFECT_AUTH_STRING)."),
+        help="Bind address (default 127.0.0.1), e.g. this host's address for workers on other "
+        "hosts; they send the stack's credential (`sierra-prefect auth-string`)."),
     database: str | None = typer.Option(
         None, metavar="URL",
         help="Server database URL without a password, e.g. postgresql+asyncpg://u@127.0.0.1:5432/prefect "
@@ -99,7 +103,9 @@ def up(
     _require_no_password(database)
     settings = _settings(port=_port(port), home=home, host=host, database_url=database)
     stack = _stack(settings)
-    connection = stack.up(docker=docker)
+    if docker and no_worker:
+        raise ShimError("--docker starts a Docker worker and --no-worker starts none: pass one of them")
+    connection = stack.up(docker=docker, worker=not no_worker)
     out.print(f"ready: {connection.api_url}  (UI: {connection.ui_url})")
     credential = settings.credential()
     if credential and credential.file:
@@ -194,6 +200,56 @@ def auth_string(home: HomeOption = None) -> None:
                  if settings.api_url else f"{settings.home}: run `{PROG} up`")
         raise ShimError(f"no credential for {where}")
     print(credential.value)
+
+
+@app.command(short_help="Start this host's worker for a server on another host.")
+def worker(
+    api_url: str = typer.Option(
+        ..., "--api-url", metavar="URL", envvar="PREFECT_API_URL",
+        help="The server's API, e.g. http://10.0.0.1:4200/api (default: $PREFECT_API_URL)."),
+    auth_string_file: Path = typer.Option(
+        ..., "--auth-string-file", metavar="FILE",
+        help="A file (mode 0600) holding the server's credential: `sierra-prefect auth-string` "
+        "on the server host prints it."),
+    pool: str = typer.Option("sierra-pool", "--pool", help="The work pool."),
+    name: str | None = typer.Option(None, "--name", help="The worker's name (default: this host's name)."),
+    query_seconds: float = typer.Option(
+        2.0, "--query-seconds", min=0.1,
+        help="How often it looks for flow runs (Prefect's default is 10): a spread batch's "
+        "share reaches this host at its next look."),
+) -> None:
+    """Run `prefect worker start --pool sierra-pool` on this host for a server elsewhere,
+    with the credential read from FILE into the worker's environment (never onto a command
+    line). It replaces this process: stop it with Ctrl-C or SIGTERM."""
+    import os
+    import socket
+
+    from sierra_prefect.credential import CLIENT_ENV, Credential
+
+    credential = Credential.read(auth_string_file.expanduser().absolute())
+    if credential is None:
+        raise ShimError(f"--auth-string-file '{auth_string_file}' does not exist: write the "
+                        "output of `sierra-prefect auth-string` (on the server host) into it, mode 0600")
+    if not credential.is_private():
+        raise ShimError(f"--auth-string-file '{auth_string_file}' can be read by other users: "
+                        f"chmod 600 '{auth_string_file}'")
+    if not api_url.startswith(("http://", "https://")):
+        raise ShimError(f"--api-url '{api_url}' is not a URL: pass e.g. http://SERVER:4200/api")
+    env = {**os.environ, "PREFECT_API_URL": api_url, CLIENT_ENV: credential.value,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": f"{query_seconds:g}"}
+    for secret in ("SIERRA_PREFECT_AUTH_STRING", "SIERRA_PREFECT_DATABASE_URL"):
+        env.pop(secret, None)
+    # This venv's prefect, and its python for the flow runs (the pool's job command).
+    bindir = Path(sys.executable).parent
+    env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
+    argv = [str(bindir / "prefect"), "worker", "start", "--pool", pool,
+            "--name", name or socket.gethostname()]
+    err.print(f"starting worker {argv[-1]} on pool {pool} for {api_url} "
+              f"(credential from {credential.describe()})", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
 
 
 @app.command(short_help="Exit 0 if DEPLOYMENT can run here (SIERRA's check).")

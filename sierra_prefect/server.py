@@ -170,7 +170,8 @@ class Server:
         return self._spawn()
 
     def _spawn(self) -> str:
-        self.settings.require_safe_exposure()
+        # Any address, loopback or not, gets the same guard: the stack's credential (the
+        # generated one in the home, or SIERRA_PREFECT_AUTH_STRING), made before it starts.
         self._require_same_server_settings()
         port = self._choose_port()
         api_url = f"http://{self.settings.connect_host}:{port}/api"

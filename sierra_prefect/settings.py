@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     )
     host: str = Field(
         "127.0.0.1",
-        description="Address the embedded server binds to; anything but loopback needs auth_string.",
+        description="Address the embedded server binds to (e.g. the host's address on the lab "
+        "network, for workers on other hosts); every API call but health needs the stack's "
+        "credential, on any address.",
     )
     database_url: SecretStr | None = Field(
         None,
@@ -134,15 +136,6 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return self.host == "localhost"
-
-    def require_safe_exposure(self) -> None:
-        # Beyond loopback the credential crosses the network and remote workers must be
-        # given it: a deliberate choice, so not the generated one.
-        if not self.is_loopback() and not self.explicit_credential():
-            raise ShimError(
-                f"the server would listen on {self.host} with no credential of your choosing: set "
-                "SIERRA_PREFECT_AUTH_STRING='user:password' (or keep --host 127.0.0.1)"
-            )
 
     @property
     def auth_file(self) -> Path:

@@ -73,14 +73,14 @@ class Stack:
 
     # -- up ------------------------------------------------------------------------
 
-    def up(self, docker: bool = False) -> Connection:
+    def up(self, docker: bool = False, worker: bool = True) -> Connection:
         project = self.settings.require_project()
         specs = pools.WorkPoolSpec.load_all(project / "workpools")
         with locked(self.settings.home):
             self._load()
             self.server.require_port()
             deployments = Deployments(self.settings, self.state, self.say)
-            kinds = ["process", "docker"] if docker else ["process"]
+            kinds = ["process", "docker"] if docker else ["process"] if worker else []
             if self._is_current(deployments, kinds):
                 return self._report_current()
             connection = self._bring_up(deployments, specs, kinds)
@@ -104,7 +104,8 @@ class Stack:
         where = "" if self.external else f", server pid {self.state.server.pid}"
         if self.state.warm_engine:
             where += f", warm engine pid {self.state.warm_engine.pid}"
-        self.say(f"already up at {self.server.api_url}{where}, worker pid {pids}; deployments current")
+        workers = f"worker pid {pids}" if pids else "no worker"
+        self.say(f"already up at {self.server.api_url}{where}, {workers}; deployments current")
         return self.server.connection()
 
     def _bring_up(self, deployments: Deployments, specs: list, kinds: list[str]) -> Connection:
@@ -122,10 +123,12 @@ class Stack:
         with connection.client() as client:
             for change in pools.apply(client, specs) + automations.apply(client):
                 self.say(change)
-            process = self.workers["process"]
-            process.start(api_url, self.warm_engine.path)
+            process = self.workers["process"] if kinds else None
+            if process:
+                process.start(api_url, self.warm_engine.path)
             deployments.ensure(client, api_url, self.warm_engine.wait_ready())
-            process.wait_online(connection)
+            if process:
+                process.wait_online(connection)
         for kind in kinds[1:]:  # Docker: its image first, then its worker
             worker = self.workers[kind]
             worker.ensure_image(deployments.project)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -35,12 +34,11 @@ from sierra_prefect.errors import ShimError
 from sierra_prefect.processes import ProcessRecord, wait_for
 from sierra_prefect.settings import Settings, venv_env
 from sierra_prefect.state import StackState
+from sierra_prefect.wake import WAKE_SIGNAL, catches
 
 # The pool each kind of worker serves, and its worker type (see workpools/: the pool's type).
 WORKER_POOLS = {"process": "sierra-pool", "docker": "sierra-docker-pool"}
 WORKER_TYPES = {"process": "sierra-process", "docker": "sierra-docker"}
-# Our workers look for flow runs at once on it (worker_types.WAKE_SIGNAL).
-WAKE_SIGNAL = signal.SIGUSR1
 
 
 def workers_online(connection: Connection, pool: str) -> list[str]:
@@ -134,19 +132,6 @@ class Worker:
         mine = [w for w in self.state.workers if w.role == self.role]
         self.state.workers = [w for w in self.state.workers if w.role != self.role]
         return [record.stop_and_report() for record in mine]
-
-
-def catches(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` has a handler for ``signum`` (Linux: ``SigCgt`` in
-    /proc/PID/status). A process without one would be killed by SIGUSR1."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 def wake_workers(state_file: Path, pool: str, api_url: str) -> list[int]:

@@ -10,7 +10,10 @@ Prefect's own process and Docker workers, with the two things a stock worker can
 - **SIGUSR1 looks for flow runs at once** instead of at the next poll
   (``PREFECT_WORKER_QUERY_SECONDS``): ``sierra-prefect run`` sends it to its own stack's
   worker right after it creates a flow run. Prefect drops a second submission of a flow
-  run it already submits, so a poll and a wake-up can overlap.
+  run it already submits, so a poll and a wake-up can overlap;
+- **one child of a spread batch at a time** (``--spread N``, flows/spread.py): a worker
+  that runs a child of a batch leaves the batch's other children Scheduled, for the
+  other workers of the pool, instead of taking them only to see them decline.
 
 They are registered with Prefect through the ``prefect.collections`` entry point of this
 package (pyproject.toml), so wherever this project is installed (its venv, the worker
@@ -29,7 +32,7 @@ warns about the type mismatch): start ours.
 from __future__ import annotations
 
 import asyncio
-import signal
+import os
 from typing import Any
 
 from prefect.settings import get_current_settings
@@ -39,9 +42,8 @@ from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, Do
 from pydantic import PrivateAttr
 
 from sierra_prefect.job_policy import JobPolicy, Kind, job_overrides, pool_defaults
+from sierra_prefect.wake import WAKE_SIGNAL, WORKER_ENV
 
-# `sierra-prefect run` sends it (sierra_prefect/worker.py: wake_workers).
-WAKE_SIGNAL = signal.SIGUSR1
 REFUSED_STATE = "Refused"
 
 
@@ -143,6 +145,9 @@ class WakeOnSignal:
     async def setup(self) -> None:
         try:
             asyncio.get_running_loop().add_signal_handler(WAKE_SIGNAL, self._wake)
+            import psutil
+
+            os.environ[WORKER_ENV] = f"{os.getpid()}:{psutil.Process().create_time()}"
         except (NotImplementedError, RuntimeError, ValueError) as exc:  # not the main thread
             self._logger.debug("not waking on SIGUSR1 (%s): polling only", exc)
         await super().setup()
@@ -172,7 +177,55 @@ class WakeOnSignal:
             again = self._wake_again
 
 
-class SierraProcessWorker(WakeOnSignal, JobGuard, ProcessWorker):
+class OneChildPerBatch:
+    """A worker that runs at most one child flow run of each spread batch at a time.
+
+    A child carries its batch in the ``spread_group`` parameter. Children of a batch this
+    worker already runs are not submitted (they stay Scheduled, and another worker of the
+    pool takes them at its next poll); one child per batch and poll is taken."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._groups: dict[str, Any] = {}  # spread group -> the flow run id holding it
+        self._started: set[Any] = set()
+
+    async def _submit_scheduled_flow_runs(self, flow_run_response):
+        kept = []
+        for entry in flow_run_response:
+            flow_run = entry.flow_run
+            group = (flow_run.parameters or {}).get("spread_group")
+            if group:
+                holder = self._groups.get(group)
+                if holder is not None and holder != flow_run.id:
+                    self._logger.debug("leaving flow run %s to another worker: this one runs "
+                                       "%s of the same spread batch", flow_run.id, holder)
+                    continue
+                self._groups[group] = flow_run.id
+            kept.append(entry)
+        return await super()._submit_scheduled_flow_runs(kept)
+
+    def _free(self, flow_run_id) -> None:
+        for group, holder in list(self._groups.items()):
+            if holder == flow_run_id:
+                del self._groups[group]
+
+    async def _submit_run(self, flow_run) -> None:
+        try:
+            await super()._submit_run(flow_run)
+        finally:
+            if flow_run.id not in self._started:  # never started here: not holding its batch
+                self._free(flow_run.id)
+
+    async def _submit_run_and_capture_errors(self, flow_run, task_status=None):
+        self._started.add(flow_run.id)
+        try:
+            return await super()._submit_run_and_capture_errors(flow_run, task_status)
+        finally:
+            self._started.discard(flow_run.id)
+            self._free(flow_run.id)
+
+
+class SierraProcessWorker(OneChildPerBatch, WakeOnSignal, JobGuard, ProcessWorker):
     """``sierra-process``: Prefect's process worker, guarded, woken by SIGUSR1."""
 
     type = "sierra-process"
@@ -187,7 +240,7 @@ class SierraProcessWorker(WakeOnSignal, JobGuard, ProcessWorker):
         return ProcessWorker.get_default_base_job_template()
 
 
-class SierraDockerWorker(WakeOnSignal, JobGuard, DockerWorker):
+class SierraDockerWorker(OneChildPerBatch, WakeOnSignal, JobGuard, DockerWorker):
     """``sierra-docker``: Prefect's Docker worker, guarded, woken by SIGUSR1."""
 
     type = "sierra-docker"

@@ -71,6 +71,8 @@ class PostgresServer:
     db: str
     user: str
     password: str
+    # A network namespace to run in (tests/netns_support.py): its own 127.0.0.1.
+    netns: str | None = None
 
     @property
     def datadir(self) -> Path:
@@ -88,6 +90,8 @@ class PostgresServer:
                    env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
         """Run a PostgreSQL binary as the server's system user."""
         cmd = ["runuser", "-u", self.os_user, "--", str(self.bindir / argv[0]), *argv[1:]]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                 cwd=self.base, env=env, input=stdin,
                                 stdin=None if stdin is not None else subprocess.DEVNULL)
@@ -166,8 +170,9 @@ def _stop(server: PostgresServer) -> None:
         server.as_os_user("pg_ctl", "-D", str(server.datadir), "-m", "fast", "-w", "stop", check=False)
 
 
-def start_postgres() -> Iterator[PostgresServer]:
-    """Start PostgreSQL (skip the caller if impossible), yield it, stop it and clean up."""
+def start_postgres(netns: str | None = None) -> Iterator[PostgresServer]:
+    """Start PostgreSQL (skip the caller if impossible), yield it, stop it and clean up.
+    With ``netns``, it runs in that network namespace, on the namespace's loopback."""
     reason = _skip_reason()
     if reason:
         pytest.skip(f"PostgreSQL unavailable: {reason}")
@@ -177,7 +182,7 @@ def start_postgres() -> Iterator[PostgresServer]:
     os.chmod(base, 0o700)
     server = PostgresServer(
         bindir=postgres_bindir(), os_user=user.pw_name, base=base, port=0,
-        db=DB_NAME, user=DB_USER, password=secrets.token_hex(16),
+        db=DB_NAME, user=DB_USER, password=secrets.token_hex(16), netns=netns,
     )
     started = False
     try:

@@ -541,13 +541,16 @@ def test_resource_options_pass_through(kind, build):
         assert opt not in plain
     # No retries is a value too: forwarded, not dropped.
     assert option_values(build(kind, "--exec-retries", "0"), "--retries") == ["0"]
+    # --exec-spread N: the batch over N workers (hosts).
+    assert option_values(build(kind, "--exec-spread", "2"), "--spread") == ["2"]
+    assert "--spread" not in plain
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_resource_defaults(kind):
     opts = make_cmdopts(kind)
     for key in ("exec_cores_per_run", "exec_memory_per_run", "exec_retries",
-                "exec_retry_delay", "exec_max_parallel"):
+                "exec_retry_delay", "exec_max_parallel", "exec_spread"):
         assert opts[key] is None, key
 
 
@@ -566,6 +569,7 @@ def test_memory_size_goes_to_the_shim_verbatim():
     ("--exec-retry-delay", "-0.5", "must be a number >= 0, got '-0.5'"),
     ("--exec-retry-delay", "nan", "must be a number >= 0, got 'nan'"),
     ("--exec-retry-delay", "inf", "must be a number >= 0, got 'inf'"),
+    ("--exec-spread", "0", "must be an integer >= 1, got '0'"),
     ("--run-timeout", "0", "must be an integer >= 1, got '0'"),
 ])
 @pytest.mark.parametrize("kind", KINDS)
@@ -579,6 +583,7 @@ def test_bad_resource_values_get_one_argparse_line(kind, option, bad, what, caps
 
 @pytest.mark.parametrize("kwargs", [
     {"cores_per_run": 0}, {"retries": -1}, {"retry_delay": -1.0}, {"max_parallel": 0},
+    {"spread": 0},
 ])
 def test_build_run_argv_rejects_out_of_range_values(kwargs):
     with pytest.raises(ValueError, match="must be >="):

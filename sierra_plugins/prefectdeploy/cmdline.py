@@ -143,6 +143,19 @@ class PrefectDeployCmdline(hpc.cmdline.HPCCmdline):
             + self.stage_usage_doc([2], "If omitted: the deployment's default."),
         )
         self.stage2.add_argument(
+            "--exec-spread",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="""
+                 Spread each batch (or experiment) over N child flow runs, which
+                 the workers of the pool take, one per worker (host), sharing the
+                 runs: ``sierra-prefect run --spread N``. A lost worker host's
+                 runs are run again by the others.
+                 """
+            + self.stage_usage_doc([2], "If omitted: one flow run, on one worker."),
+        )
+        self.stage2.add_argument(
             "--exec-retry-delay",
             type=_non_negative_float,
             default=None,
@@ -190,6 +203,7 @@ def to_cmdopts(args: argparse.Namespace) -> types.Cmdopts:
         "exec_memory_per_run": args.exec_memory_per_run,
         "exec_retries": args.exec_retries,
         "exec_retry_delay": args.exec_retry_delay,
+        "exec_spread": args.exec_spread,
         # Set by cmdline_postparse_configure (common.configure_resources) to what the
         # user gave; without it, nothing was filled in and exec_jobs_per_node is theirs.
         "exec_max_parallel": getattr(args, "exec_max_parallel", args.exec_jobs_per_node),

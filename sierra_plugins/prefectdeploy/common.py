@@ -34,6 +34,7 @@ Mapping from SIERRA:
 - ``--exec-memory-per-run SIZE`` -> ``--memory-per-run SIZE``, verbatim: the
   shim validates sizes, and ``execenv_check`` asks it to before stage 2
   (``sierra-prefect check ... --memory-per-run SIZE``).
+- ``--exec-spread N`` -> ``--spread N`` (the batch over N workers/hosts);
 - ``--exec-retries N`` -> ``--retries N``, ``--exec-retry-delay S`` ->
   ``--retry-delay S`` (omitted when unset: the deployment's defaults).
 - ``--exec-resume`` -> the shim's default (skip runs that already succeeded);
@@ -109,6 +110,7 @@ def build_run_argv(
     memory_per_run: str | None = None,
     retries: int | None = None,
     retry_delay: float | None = None,
+    spread: int | None = None,
     resume: bool = True,
     workdir: str | os.PathLike | None = None,
     work_pool: str | None = None,
@@ -129,6 +131,7 @@ def build_run_argv(
     _at_least("--exec-cores-per-run", cores_per_run, 1)
     _at_least("--exec-retries", retries, 0)
     _at_least("--exec-retry-delay", retry_delay, 0)
+    _at_least("--exec-spread", spread, 1)
 
     argv = [shim or shim_executable(), "run", deployment,
             "--input-root", str(input_root), "--scratch-root", str(scratch_root)]
@@ -139,6 +142,7 @@ def build_run_argv(
         "--memory-per-run": memory_per_run,
         "--retries": None if retries is None else int(retries),
         "--retry-delay": retry_delay,
+        "--spread": None if spread is None else int(spread),
     })
     if not resume:
         argv.append("--no-resume")
@@ -289,6 +293,7 @@ class _RunCmdGenerator:
             memory_per_run=self.cmdopts.get("exec_memory_per_run"),
             retries=self.cmdopts.get("exec_retries"),
             retry_delay=self.cmdopts.get("exec_retry_delay"),
+            spread=self.cmdopts.get("exec_spread"),
             resume=bool(resume),
             work_pool=self.cmdopts.get("work_pool"),
             work_queue=self.cmdopts.get("work_queue"),
