@@ -52,6 +52,7 @@ from sierra_prefect.worker import wake_workers
 DOCKER_POOL_TYPES = frozenset({"sierra-docker", "docker"})
 
 POLL_SECONDS = 0.25  # how soon the end is seen; two light API reads per poll
+FINISHING_POLL_SECONDS, FINISHING_POLLS = 0.05, 40  # once every run has ended: 2 s at most
 CANCEL_DEADLINE_SECONDS = 60.0
 CRASHED_GRACE_SECONDS = 15.0
 # How long `run` keeps following while the server does not answer (e.g. a restart).
@@ -454,7 +455,7 @@ def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, u
     """
     with _ProgressView(console, total, done) as view:
         try:
-            state = _poll(client, flow_run_id, view.show, console)
+            state = _poll(client, flow_run_id, view.show, console, remaining=total - done)
         except KeyboardInterrupt:
             console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
             state = patience.call("cancelling the flow run", cancel, client, flow_run_id)
@@ -505,11 +506,12 @@ class _ProgressView:
                            f"({bad} failed, {skipped} skipped)")
 
 
-def _poll(client, flow_run_id: UUID, show, console: Console) -> Any:
+def _poll(client, flow_run_id: UUID, show, console: Console, remaining: int | None = None) -> Any:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
     down_since: float | None = None
+    fast_polls = 0
     while True:
         try:
             flow_run = client.read_flow_run(flow_run_id)
@@ -533,7 +535,13 @@ def _poll(client, flow_run_id: UUID, show, console: Console) -> Any:
         show(ok, bad)
         if flow_run.state and flow_run.state.is_final():
             return flow_run.state
-        time.sleep(POLL_SECONDS)
+        # Every run has ended: only the flow's last writes remain, so look more often for
+        # a moment (SIERRA waits for this), then as usual (a busy server is not pressed).
+        if remaining is not None and ok + bad >= remaining and fast_polls < FINISHING_POLLS:
+            fast_polls += 1
+            time.sleep(FINISHING_POLL_SECONDS)
+        else:
+            time.sleep(POLL_SECONDS)
 
 
 def cancel(client, flow_run_id: UUID):

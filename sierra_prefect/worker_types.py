@@ -177,6 +177,40 @@ class WakeOnSignal:
             again = self._wake_again
 
 
+class LabelsInBackground:
+    """A worker that labels a flow run with itself (Prefect's worker and pool labels)
+    without holding up the flow run's start.
+
+    Prefect awaits that PATCH before it starts the flow run. On the embedded SQLite server
+    it can meet the writes of a flow run that just ended (503, "database is locked"), and
+    the client's first retry comes 2 s later: measured, one in five triggers made right
+    after the previous batch ended started 2.2 s late. The labels are for the UI and for
+    filters; nothing needs them before the flow run starts."""
+
+    LABEL_DEADLINE_SECONDS = 30.0  # what a stopping worker waits for labels in flight
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._labelling: set[asyncio.Task] = set()
+
+    async def _give_worker_labels_to_flow_run(self, flow_run_id) -> None:
+        task = asyncio.ensure_future(self._label(flow_run_id))
+        self._labelling.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._labelling.discard)
+
+    async def _label(self, flow_run_id) -> None:
+        try:
+            await super()._give_worker_labels_to_flow_run(flow_run_id)
+        except Exception as exc:  # the flow run goes on without them
+            self._logger.warning("could not label flow run %s with this worker: %s",
+                                 flow_run_id, exc)
+
+    async def teardown(self, *exc_info: Any) -> None:
+        if self._labelling:
+            await asyncio.wait(set(self._labelling), timeout=self.LABEL_DEADLINE_SECONDS)
+        await super().teardown(*exc_info)
+
+
 class OneChildPerBatch:
     """A worker that runs at most one child flow run of each spread batch at a time.
 
@@ -225,7 +259,8 @@ class OneChildPerBatch:
             self._free(flow_run.id)
 
 
-class SierraProcessWorker(OneChildPerBatch, WakeOnSignal, JobGuard, ProcessWorker):
+class SierraProcessWorker(OneChildPerBatch, LabelsInBackground, WakeOnSignal, JobGuard,
+                          ProcessWorker):
     """``sierra-process``: Prefect's process worker, guarded, woken by SIGUSR1."""
 
     type = "sierra-process"
@@ -240,7 +275,8 @@ class SierraProcessWorker(OneChildPerBatch, WakeOnSignal, JobGuard, ProcessWorke
         return ProcessWorker.get_default_base_job_template()
 
 
-class SierraDockerWorker(OneChildPerBatch, WakeOnSignal, JobGuard, DockerWorker):
+class SierraDockerWorker(OneChildPerBatch, LabelsInBackground, WakeOnSignal, JobGuard,
+                         DockerWorker):
     """``sierra-docker``: Prefect's Docker worker, guarded, woken by SIGUSR1."""
 
     type = "sierra-docker"
