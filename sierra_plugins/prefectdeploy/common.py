@@ -360,6 +360,23 @@ class ExpShellCmdsGenerator(_RunCmdGenerator):
         return []
 
 
+class HereMixin:
+    """Runs execute in the directory SIERRA was started in (``--workdir``), as under
+    ``hpc.local``: for workers that see SIERRA's file system at the same paths
+    (``prefectdeploy.local``, ``prefectdeploy.slurm``), relative paths keep working."""
+
+    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
+        return {"workdir": os.getcwd()}
+
+
+class HereBatchShellCmdsGenerator(HereMixin, BatchShellCmdsGenerator):
+    """Per-batch, in SIERRA's directory."""
+
+
+class HereExpShellCmdsGenerator(HereMixin, ExpShellCmdsGenerator):
+    """Per-experiment, in SIERRA's directory."""
+
+
 def execenv_check(
     cmdopts: types.Cmdopts,
     extra_argv: tp.Sequence[str] = (),

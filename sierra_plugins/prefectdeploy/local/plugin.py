@@ -11,8 +11,6 @@ plugin's ``cmdline_postparse_configure`` (before the engine's).
 """
 
 import argparse
-import os
-import typing as tp
 
 from prefectdeploy import common
 from prefectdeploy.common import execenv_check
@@ -22,14 +20,8 @@ def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
     return common.configure_resources(args)
 
 
-class BatchShellCmdsGenerator(common.BatchShellCmdsGenerator):
-    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
-        return {"workdir": os.getcwd()}
-
-
-class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
-    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
-        return {"workdir": os.getcwd()}
+BatchShellCmdsGenerator = common.HereBatchShellCmdsGenerator
+ExpShellCmdsGenerator = common.HereExpShellCmdsGenerator
 
 
 __all__ = [

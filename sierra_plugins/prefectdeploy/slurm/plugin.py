@@ -75,14 +75,8 @@ def cmdline_postparse_configure(args: argparse.Namespace) -> argparse.Namespace:
     return common.configure_resources(args, decided=(cores, source))
 
 
-class BatchShellCmdsGenerator(common.BatchShellCmdsGenerator):
-    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
-        return {"workdir": os.getcwd()}
-
-
-class ExpShellCmdsGenerator(common.ExpShellCmdsGenerator):
-    def extra_argv_kwargs(self) -> dict[str, tp.Any]:
-        return {"workdir": os.getcwd()}
+BatchShellCmdsGenerator = common.HereBatchShellCmdsGenerator
+ExpShellCmdsGenerator = common.HereExpShellCmdsGenerator
 
 
 def execenv_check(cmdopts: types.Cmdopts) -> None:
