@@ -299,7 +299,14 @@ def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
             assert worker.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
         who = tmp_path / "who"
         who.mkdir()
-        commands = [f"sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
+        seen = tmp_path / "workers-seen"
+        # Every run waits (up to 120 s) until runs have started on two workers: the parent
+        # starts runs at once, so without this a loaded machine could finish the batch on
+        # the parent's worker before another worker's child has started (cold) at all.
+        wait_for_two = (f"for k in $(seq 600); do [ $(sort -u {seen} | wc -l) -ge 2 ] && break; "
+                        "sleep 0.2; done")
+        commands = [f"echo $PREFECT__WORKER_NAME >> {seen}; {wait_for_two}; sleep 1; "
+                    f"echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
         batch, scratch = make_batch(tmp_path, commands)
         result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
                            str(scratch), "--spread", "3", "--max-parallel", str(SPREAD_CAP), "--json")
