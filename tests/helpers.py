@@ -143,3 +143,16 @@ def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
     if proc.poll() is None:
         terminate([psutil.Process(proc.pid)], grace, signal_all=signal_group)
     proc.wait(timeout=10)
+
+
+def until_two_workers(seen: Path, deadline: float = 120) -> str:
+    """Shell for the start of a run: record this run's worker in ``seen``, then wait until
+    runs have started on two workers, or until ``deadline`` seconds after the first run of
+    the batch started (one deadline for the whole batch: a batch that never reaches a
+    second worker is late once, not once per run). Spread tests use it so that which host
+    takes runs does not depend on how fast a cold child starts on a loaded machine."""
+    t0 = f"{seen}.t0"
+    return (f"echo $PREFECT__WORKER_NAME >> {seen}; [ -s {t0} ] || date +%s > {t0}; "
+            f"end=$(( $(cat {t0}) + {int(deadline)} )); "
+            f"while [ $(sort -u {seen} | wc -l) -lt 2 ] && [ $(date +%s) -lt $end ]; "
+            "do sleep 0.2; done")

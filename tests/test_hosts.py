@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import make_batch, wait_until
+from tests.helpers import make_batch, until_two_workers, wait_until
 from tests.netns_support import unavailable
 from tests.postgres_support import _skip_reason as postgres_missing
 
@@ -63,11 +63,14 @@ def hosts(tmp_path_factory) -> Iterator:
 
 
 def recording_batch(tmp: Path, seconds: float, n: int = RUNS) -> tuple[Path, Path, Path]:
-    """``n`` runs that each sleep, then append the worker that ran them to ``who/rN``; a
-    run killed before its end appends nothing."""
+    """``n`` runs that each wait for runs on both hosts (``until_two_workers``), sleep,
+    then append the worker that ran them to ``who/rN``; a run killed before its end
+    appends nothing."""
     who = tmp / "who"
     who.mkdir()
-    commands = [f"sleep {seconds}; echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(n)]
+    start = until_two_workers(tmp / "workers-seen")  # every use spreads over both hosts
+    commands = [f"{start}; sleep {seconds}; echo $PREFECT__WORKER_NAME >> {who}/r{i}"
+                for i in range(n)]
     batch, scratch = make_batch(tmp, commands)
     return batch, scratch, who
 

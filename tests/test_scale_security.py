@@ -37,7 +37,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import CLI, StackHandle, base_env, make_batch, prefect_version, sierra_prefect, wait_until
+from tests.helpers import (
+    CLI,
+    StackHandle,
+    base_env,
+    make_batch,
+    prefect_version,
+    sierra_prefect,
+    until_two_workers,
+    wait_until,
+)
 from tests.postgres_support import PostgresServer
 
 FLOW_RUN_LINE = re.compile(r"flow run \S+ \(([0-9a-f-]{36})\) of ")
@@ -299,14 +308,11 @@ def test_one_batch_spreads_over_stock_workers_on_postgresql(pg_stack, tmp_path):
             assert worker.poll() is None, f"{name} exited:\n{log.read_text()[-3000:]}"
         who = tmp_path / "who"
         who.mkdir()
-        seen = tmp_path / "workers-seen"
-        # Every run waits (up to 120 s) until runs have started on two workers: the parent
-        # starts runs at once, so without this a loaded machine could finish the batch on
-        # the parent's worker before another worker's child has started (cold) at all.
-        wait_for_two = (f"for k in $(seq 600); do [ $(sort -u {seen} | wc -l) -ge 2 ] && break; "
-                        "sleep 0.2; done")
-        commands = [f"echo $PREFECT__WORKER_NAME >> {seen}; {wait_for_two}; sleep 1; "
-                    f"echo $PREFECT__WORKER_NAME >> {who}/r{i}" for i in range(SPREAD_RUNS)]
+        # The parent starts runs at once: without the wait a loaded machine could finish
+        # the batch on its worker before another worker's child has started (cold) at all.
+        start = until_two_workers(tmp_path / "workers-seen")
+        commands = [f"{start}; sleep 1; echo $PREFECT__WORKER_NAME >> {who}/r{i}"
+                    for i in range(SPREAD_RUNS)]
         batch, scratch = make_batch(tmp_path, commands)
         result = stack.cli("run", "sierra/local", "--input-root", str(batch), "--scratch-root",
                            str(scratch), "--spread", "3", "--max-parallel", str(SPREAD_CAP), "--json")
