@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -57,8 +58,8 @@ DEPLOYMENT = SLURM_DEPLOYMENT
 WORKER_TYPE = "sierra-process"
 QUEUE_PREFIX = "slurm-"
 README_HINT = "see the README, 'On a SLURM cluster'"
-# Signals SLURM (scancel, the end of the job or step, srun's Ctrl-C) sends a step's tasks.
-_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCONT)
+# Signals that end a step: scancel, the end of the job or step, srun's Ctrl-C.
+_ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Allocation(BaseModel):
@@ -169,21 +170,35 @@ class QueueApi:
             raise ShimError(f"cannot create queue {self.allocation.queue} on {POOL}: HTTP "
                             f"{response.status_code} {response.text[:200]}")
 
-    def delete(self) -> bool:
-        try:
-            response = httpx.delete(f"{self.url}/{self.allocation.queue}",
-                                    headers=self.connection.headers(), timeout=10)
-        except httpx.HTTPError:
-            return False
-        return response.status_code in (200, 204, 404)
+    def delete(self, within: float = 8.0) -> bool:
+        """Delete the queue, trying again while the server is busy (503, e.g. SQLite's
+        'database is locked') or unreachable, for ``within`` seconds: SLURM's KillWait
+        (often 30 s, can be 10) bounds how long an ending step may take."""
+        end = time.monotonic() + within
+        while True:
+            try:
+                response = httpx.delete(f"{self.url}/{self.allocation.queue}",
+                                        headers=self.connection.headers(),
+                                        timeout=max(1.0, end - time.monotonic()))
+                if response.status_code in (200, 204, 404):
+                    return True
+                if response.status_code < 500:
+                    return False
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.5)  # a retry interval: the deadline is what counts
 
 
 class SlurmWorker:
     """The allocation's worker on this node: Prefect's worker as a child, on the job's queue.
 
-    ``run()`` returns the worker's exit code; it forwards the signals SLURM sends to the
-    step, so ending the job or step ends the worker and, through SLURM's process tracking,
-    the flow runs it started."""
+    ``run()`` returns the worker's exit code. Ending the job or step ends the worker and the
+    flow runs it started: SLURM signals every process of the step itself (all its process
+    tracking plugins do; the worker stays in our process group for proctrack/pgid). So
+    this process does not pass the signal on: Prefect's worker takes a second SIGTERM as
+    "kill now" (SIGKILL), and would lose its shutdown (labels in flight, its cleanup)."""
 
     def __init__(self, settings: Settings, connection: Connection, allocation: Allocation,
                  say: Callable[[str], None]) -> None:
@@ -191,6 +206,8 @@ class SlurmWorker:
             settings, connection, allocation, say)
         self.proc: subprocess.Popen | None = None
         self._signalled: int | None = None
+        self._deleting: threading.Thread | None = None
+        self._queue_deleted = False
 
     def env(self, prefect_home: Path) -> dict[str, str]:
         env = venv_env(self.connection.api_url, self.settings,
@@ -216,13 +233,14 @@ class SlurmWorker:
         except AttributeError:  # not Linux
             cpus = []
         try:
-            for signum in _FORWARDED:
-                signal.signal(signum, self._forward)
+            for signum in _ENDING:
+                signal.signal(signum, self._ending)
             # Same session and process group as us: SLURM's process tracking sees it (and
             # its flow runs) as part of this step.
             self.proc = subprocess.Popen(self.argv(), env=self.env(home), stdin=subprocess.DEVNULL)
-            if self._signalled is not None:  # SLURM ended the step while we started it
+            if self._signalled is not None:  # SLURM ended the step before the worker existed
                 self.proc.send_signal(self._signalled)
+                self._start_queue_delete()
             self.say(f"slurm worker {alloc.worker_name} (pid {os.getpid()}, worker pid "
                      f"{self.proc.pid}) on node "
                      f"{alloc.node_name}: pool {POOL}, queue {alloc.queue}, "
@@ -237,18 +255,30 @@ class SlurmWorker:
                     self.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
-            if alloc.node_id == 0:
-                queue.delete()
+            if self._deleting is not None:
+                self._deleting.join(timeout=10)
+            if alloc.node_id == 0 and not self._queue_deleted:
+                self._queue_deleted = queue.delete()
             shutil.rmtree(home, ignore_errors=True)
 
-    def _forward(self, signum: int, _frame) -> None:
-        if signum != signal.SIGCONT:
-            self._signalled = signum
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
+    def _start_queue_delete(self) -> None:
+        """The step is ending: delete the job's queue now, beside the worker's shutdown, not
+        after it. SLURM kills what is left KillWait seconds after its SIGTERM, and a worker
+        that is slow to stop (a busy machine) would take the delete with it."""
+        if self.allocation.node_id != 0 or self._deleting is not None:
+            return
+        queue = QueueApi(self.connection, self.allocation)
+
+        def delete() -> None:
+            self._queue_deleted = queue.delete()
+
+        self._deleting = threading.Thread(target=delete, name="delete-queue", daemon=True)
+        self._deleting.start()
+
+    def _ending(self, signum: int, _frame) -> None:
+        self._signalled = signum
+        if self.proc is not None:  # it had the signal from SLURM too
+            self._start_queue_delete()
 
 
 def _ranges(cpus: list[int]) -> str:

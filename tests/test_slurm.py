@@ -214,6 +214,9 @@ def test_sierra_batch_runs_on_the_allocations_worker(slurm_cluster, stack, tmp_p
                f"the worker processes {sorted(pids)} of job {job} to exit")
     wait_until(lambda: not _job_processes(job), 60, f"no process of job {job} left")
     assert f"slurm-{job}" not in _queues(stack)
+    # The worker stopped gracefully at the end of the step (one signal, SLURM's), not
+    # killed by Prefect's "second signal: SIGKILL", which would lose its shutdown.
+    assert f"slurm worker {worker_name} ended (exit 0)" in text, text[-4000:]
 
 
 def test_scancel_mid_batch_leaves_nothing_running(slurm_cluster, stack, tmp_path):
