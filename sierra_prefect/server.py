@@ -181,7 +181,8 @@ class Server:
         fresh = not (self.settings.database_url or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
                      or database.exists())
         seeded = fresh and sqlite_template.seed(database)
-        argv = [sys.executable, "-m", "prefect", "server", "start",
+        # Prefect's `prefect server start`, with the fix prefect_server.py explains.
+        argv = [sys.executable, "-m", "sierra_prefect.prefect_server", "server", "start",
                 "--host", self.settings.host, "--port", str(port)]
         record = ProcessRecord.spawn("server", argv, self._env(api_url),
                                      self.settings.logs_dir / "server.log", self.settings.home,
