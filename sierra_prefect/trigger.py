@@ -189,7 +189,8 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
                      image: str | None = None, console: Console | None = None):
     """The deployment and its pool exist (and match ``work_pool`` if given), and the
     Prefect versions of this client, the server and (Docker pools) the image may work
-    together (sierra_prefect/versions.py); ``image`` overrides the deployment's."""
+    together (sierra_prefect/versions.py); ``image`` overrides the deployment's. Returns
+    the deployment and its pool."""
     from prefect import __version__ as client_version
     from prefect.exceptions import ObjectNotFound
 
@@ -223,7 +224,7 @@ def check_deployment(client, connection: Connection, name: str, work_pool: str |
     if pool.type in DOCKER_POOL_TYPES:
         _check_image(name, deployment, pool, image, client_version, server_version, api_url,
                      console or Console(stderr=True, soft_wrap=True))
-    return deployment
+    return deployment, pool
 
 
 def _image_of(deployment, pool, image: str | None) -> str | None:
@@ -368,18 +369,11 @@ def _status_of(exc: BaseException) -> str | None:
 def _trigger(connection: Connection, request: Trigger, console: Console, patience: Patience,
              total: int, done: int) -> Outcome:
     with connection.client() as client:
-        deployment = patience.call(
+        deployment, pool = patience.call(
             f"checking {request.deployment}", check_deployment, client, connection,
             request.deployment, request.work_pool, image=request.image, console=console)
         _check_params(deployment, request.parameters())
-        patience.call("reading the work pool", _docker_job_variables, client, deployment, request)
-        if not patience.call("reading the workers", _pool_has_workers, client,
-                             deployment.work_pool_name):
-            console.print(
-                f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
-                f"waits until one starts (`prefect worker start --pool "
-                f"{deployment.work_pool_name}` or `sierra-prefect up`)[/yellow]"
-            )
+        _docker_job_variables(pool, request)
         # One key for every attempt: a create the server did but could not confirm
         # (timeout, 503) is found again, not repeated.
         key = str(uuid.uuid4())
@@ -389,6 +383,14 @@ def _trigger(connection: Connection, request: Trigger, console: Console, patienc
             work_queue_name=request.work_queue, tags=request.tags, idempotency_key=key)
         if request.stack_state is not None:  # now, not at the worker's next poll
             wake_workers(request.stack_state, deployment.work_pool_name, connection.api_url)
+        # After the create, not before it: the flow run is on its way either way.
+        if not patience.call("reading the workers", _pool_has_workers, client,
+                             deployment.work_pool_name):
+            console.print(
+                f"[yellow]no worker is polling pool '{deployment.work_pool_name}' yet: the run "
+                f"waits until one starts (`prefect worker start --pool "
+                f"{deployment.work_pool_name}` or `sierra-prefect up`)[/yellow]"
+            )
         ui_url = f"{connection.ui_url}/runs/flow-run/{flow_run.id}"
         console.print(f"flow run {flow_run.name} ({flow_run.id}) of {request.deployment}: {ui_url}")
         console.print(f"batch tag {request.tags[0]} (filter the UI's flow runs by it)",
@@ -396,11 +398,10 @@ def _trigger(connection: Connection, request: Trigger, console: Console, patienc
         return follow(client, flow_run.id, total, done, console, ui_url, patience)
 
 
-def _docker_job_variables(client, deployment, request: Trigger) -> None:
+def _docker_job_variables(pool, request: Trigger) -> None:
     """For a Docker deployment: mount the roots, apply image/user/mounts."""
     from sierra_prefect import docker
 
-    pool = client.read_work_pool(deployment.work_pool_name)
     if pool.type not in DOCKER_POOL_TYPES:
         if request.wants_docker:
             raise ShimError(
