@@ -238,9 +238,40 @@ def prefect_env(api_url: str | None, settings: Settings, server: bool = False,
     return env
 
 
-def venv_env(api_url: str, settings: Settings, **extra: str) -> dict[str, str]:
+def venv_env(api_url: str, settings: Settings, *, on_this_host: bool = False,
+             **extra: str) -> dict[str, str]:
     """A Prefect client's environment with this venv first on PATH: workers' flow runs and
-    the warm engine run `python -m ...` and must get this venv's Python."""
+    the warm engine run `python -m ...` and must get this venv's Python.
+
+    ``on_this_host``: the process and the flow runs it starts run here (a process worker, the
+    warm engine), so they may be given a file of this host (``plain_http_ca_file``)."""
     env = prefect_env(api_url, settings, **settings.client_env(), **extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if on_this_host and api_url.startswith("http://") and not env.get(CA_FILE_ENV):
+        env[CA_FILE_ENV] = str(plain_http_ca_file(settings.home))
     return env
+
+
+CA_FILE_ENV = "PREFECT_API_SSL_CERT_FILE"
+
+
+def plain_http_ca_file(home: Path) -> Path:
+    """A CA file of one certificate for Prefect clients of a plain-HTTP API.
+
+    Every Prefect client builds an SSL context from ``PREFECT_API_SSL_CERT_FILE`` (default:
+    certifi's bundle of ~140 certificates, ~20 ms to load here), even for an ``http://``
+    API that never uses it; a flow run builds five or six (the engine, its log and event
+    workers, its observers): py-spy put ~0.2 s of each trigger there. One certificate
+    loads in 0.4 ms. It is certifi's first root, so a client that did use TLS with it would
+    refuse other servers (fail closed), never trust more."""
+    path = home / "plain-http-ca.pem"
+    if not path.is_file():
+        import certifi
+
+        bundle = Path(certifi.where()).read_text()
+        end = "-----END CERTIFICATE-----"
+        start = bundle.index("-----BEGIN CERTIFICATE-----")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(bundle[start:bundle.index(end, start) + len(end)] + "\n")
+        tmp.replace(path)  # atomic: concurrent writers leave one whole file
+    return path

@@ -50,7 +50,13 @@ from sierra_prefect import warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.private import private_dir
-from sierra_prefect.settings import SLURM_DEPLOYMENT, Settings, venv_env
+from sierra_prefect.settings import (
+    CA_FILE_ENV,
+    SLURM_DEPLOYMENT,
+    Settings,
+    plain_http_ca_file,
+    venv_env,
+)
 from sierra_prefect.worker import workers_online
 
 POOL = "sierra-slurm-pool"
@@ -213,6 +219,8 @@ class SlurmWorker:
         env = venv_env(self.connection.api_url, self.settings,
                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds),
                        PREFECT_HOME=str(prefect_home))
+        if self.connection.api_url.startswith("http://") and CA_FILE_ENV not in env:
+            env[CA_FILE_ENV] = str(plain_http_ca_file(prefect_home))  # node-local, like the home
         # Never fork flow runs from a warm engine of the login host: they would run outside
         # the allocation (its CPUs, its end).
         env.pop(warm_engine.SOCKET_ENV, None)

@@ -114,7 +114,7 @@ class Stack:
         # flows/; the deploy then forks from the warm engine while the worker boots.
         client_import = _import_in_background("prefect.client.orchestration")
         api_url = self.server.start()
-        self.warm_engine.start(venv_env(api_url, self.settings), deployments.project,
+        self.warm_engine.start(venv_env(api_url, self.settings, on_this_host=True), deployments.project,
                                restart=deployments.code_changed)
         self.server.wait_ready()
         connection = self.server.connection()

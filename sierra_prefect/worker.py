@@ -106,7 +106,7 @@ class Worker:
         name = self.name(len(self.state.workers))
         argv = [sys.executable, "-m", "prefect", "worker", "start",
                 "--pool", self.pool, "--type", WORKER_TYPES[self.kind], "--name", name]
-        env = venv_env(api_url, self.settings,
+        env = venv_env(api_url, self.settings, on_this_host=self.kind == "process",
                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds))
         if self.kind == "process" and warm_socket is not None:
             env[warm_engine.SOCKET_ENV] = str(warm_socket)

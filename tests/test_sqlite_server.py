@@ -50,7 +50,7 @@ def test_worker_channel_under_write_load_logs_no_locked_database(fresh_stack, tm
     stack = fresh_stack
     server_log = stack.home / "logs" / "server.log"
     fix_line = [line for line in server_log.read_text().splitlines()
-                if "worker-channel transactions begin IMMEDIATE on SQLite" in line]
+                if "worker-channel and labelling transactions begin IMMEDIATE on SQLite" in line]
     assert fix_line and "not found" not in fix_line[0], fix_line
 
     stop, done = threading.Event(), []
