@@ -16,6 +16,8 @@ created with an idempotency key, so a retried create never starts the batch twic
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import threading
 import time
@@ -454,9 +456,10 @@ def follow(client, flow_run_id: UUID, total: int, done: int, console: Console, u
     The last progress shown comes from the flow's summary, not from the polls: the flow
     writes its progress artifact in batches (about once a second).
     """
-    with _ProgressView(console, total, done) as view:
+    with _ProgressView(console, total, done) as view, EndWatch(flow_run_id) as end:
         try:
-            state = _poll(client, flow_run_id, view.show, console, remaining=total - done)
+            state = _poll(client, flow_run_id, view.show, console, remaining=total - done,
+                          ended=end.ended)
         except KeyboardInterrupt:
             console.print(f"[yellow]cancelling flow run {flow_run_id}...[/yellow]")
             state = patience.call("cancelling the flow run", cancel, client, flow_run_id)
@@ -507,9 +510,68 @@ class _ProgressView:
                            f"({bad} failed, {skipped} skipped)")
 
 
-def _poll(client, flow_run_id: UUID, show, console: Console, remaining: int | None = None) -> Any:
+class EndWatch:
+    """Wakes the follow loop the moment Prefect says the flow run ended.
+
+    Polls see the end up to ``POLL_SECONDS`` late, and a SIERRA stage 2 waits for it once
+    per batch (per experiment in the per-experiment paradigm). This thread listens on
+    Prefect's events websocket for the flow run's final-state event and sets ``ended``; the
+    polls stay the truth (``_poll`` reads the state itself), so if the websocket fails or
+    is refused nothing changes but the wait."""
+
+    FINAL = ("Completed", "Failed", "Crashed", "Cancelled")
+
+    def __init__(self, flow_run_id: UUID) -> None:
+        self.flow_run_id = flow_run_id
+        self.ended = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._run,), name="end-watch", daemon=True)
+
+    def __enter__(self) -> EndWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # its loop has already ended
+                pass
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:  # never the batch's concern: the polls go on
+            pass
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        await self._watch()
+
+    async def _watch(self) -> None:
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+        names = [f"prefect.flow-run.{state}" for state in self.FINAL]
+        wanted = EventFilter(event=EventNameFilter(name=names),
+                             resource=EventResourceFilter(id=[f"prefect.flow-run.{self.flow_run_id}"]))
+        async with get_events_subscriber(filter=wanted, reconnection_attempts=2) as events:
+            async for _ in events:
+                self.ended.set()
+                return
+
+
+def _poll(client, flow_run_id: UUID, show, console: Console, remaining: int | None = None,
+          ended: threading.Event | None = None) -> Any:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
+
+    ended = ended or threading.Event()
 
     down_since: float | None = None
     fast_polls = 0
@@ -538,11 +600,14 @@ def _poll(client, flow_run_id: UUID, show, console: Console, remaining: int | No
             return flow_run.state
         # Every run has ended: only the flow's last writes remain, so look more often for
         # a moment (SIERRA waits for this), then as usual (a busy server is not pressed).
-        if remaining is not None and ok + bad >= remaining and fast_polls < FINISHING_POLLS:
+        all_ended = remaining is not None and ok + bad >= remaining
+        if (ended.is_set() or all_ended) and fast_polls < FINISHING_POLLS:
             fast_polls += 1
             time.sleep(FINISHING_POLL_SECONDS)
-        else:
+        elif ended.is_set():
             time.sleep(POLL_SECONDS)
+        else:
+            ended.wait(POLL_SECONDS)  # a poll interval, cut short when Prefect says it ended
 
 
 def cancel(client, flow_run_id: UUID):
