@@ -49,10 +49,39 @@ def terminate(procs: Iterable[psutil.Process], grace: float = 30.0,
                     proc.send_signal(sig)
                 except psutil.NoSuchProcess:
                     pass  # already gone
-        _, procs = psutil.wait_procs(procs, timeout=wait)
+        procs = wait_exited(procs, wait)
         if not procs:
             break
     return procs
+
+
+def wait_exited(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to ``timeout`` seconds for ``procs`` to exit; the ones still running.
+
+    An exited process that is not our child stays a zombie until its parent reaps it: for
+    what ``up`` started, that is init, which here reaps every ~2 s, so psutil.wait_procs
+    (which waits for the pid to vanish) kept every ``down`` waiting ~2 s per process. A
+    zombie has exited: it counts as gone (our own children are reaped here)."""
+    alive = list(procs)
+    end = time.monotonic() + timeout
+    while True:
+        alive = [proc for proc in alive if not _exited(proc)]
+        if not alive or time.monotonic() >= end:
+            return alive
+        time.sleep(0.02)  # a poll interval: the timeout is what counts
+
+
+def _exited(proc: psutil.Process) -> bool:
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    try:
+        os.waitpid(proc.pid, os.WNOHANG)  # ours: reap it
+    except ChildProcessError:
+        pass  # another's child: its parent reaps it
+    return True
 
 
 def wait_for(condition: Callable[[], object], deadline: float, proc: ProcessRecord | None,
