@@ -524,6 +524,8 @@ class EndWatch:
     def __init__(self, flow_run_id: UUID) -> None:
         self.flow_run_id = flow_run_id
         self.ended = threading.Event()
+        self._lock = threading.Lock()
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._thread = threading.Thread(target=contextvars.copy_context().run,
@@ -534,13 +536,15 @@ class EndWatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        loop, task = self._loop, self._task
+        with self._lock:  # before or after the thread's loop exists: it stops either way
+            self._closing = True
+            loop, task = self._loop, self._task
         if loop is not None and task is not None:
             try:
                 loop.call_soon_threadsafe(task.cancel)
             except RuntimeError:  # its loop has already ended
                 pass
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=1)  # a daemon thread: never holds the CLI's exit
 
     def _run(self) -> None:
         try:
@@ -549,8 +553,10 @@ class EndWatch:
             pass
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+        with self._lock:
+            if self._closing:
+                return
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         await self._watch()
 
     async def _watch(self) -> None:
