@@ -67,7 +67,7 @@ class Connection:
     def _httpx_settings(self) -> dict | None:
         """Plain HTTP needs no TLS, yet Prefect's client loads the CA bundle into a new SSL
         context for every client unless given one (~20 ms each here): give it one, unused."""
-        if not self.api_url.startswith("http://"):
+        if not is_plain_http(self.api_url):
             return None  # https: Prefect's own verification, untouched
         return {"verify": _unused_tls_context()}
 
@@ -75,7 +75,7 @@ class Connection:
     def _http(self) -> httpx.Client:
         """One plain HTTP client per connection: a new one per call costs ~25 ms here (its
         SSL context), a trigger's largest cost before the flow run exists."""
-        verify = _unused_tls_context() if self.api_url.startswith("http://") else True
+        verify = _unused_tls_context() if is_plain_http(self.api_url) else True
         return httpx.Client(headers=self.headers(), verify=verify)
 
     def is_healthy(self, timeout: float = 2.0) -> bool:
@@ -120,6 +120,11 @@ class Connection:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+
+def is_plain_http(api_url: str) -> bool:
+    """No TLS: Prefect's clients need no CA certificates for it."""
+    return api_url.startswith("http://")
 
 
 def _updated(settings, updates: dict):

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sierra_prefect import default_home
+from sierra_prefect.connection import is_plain_http
 from sierra_prefect.credential import CLIENT_ENV, FILE_NAME, Credential
 from sierra_prefect.errors import ShimError
 from sierra_prefect.redact import SECRET_ENV, Secrets, mask_url, scrub_env
@@ -244,19 +245,20 @@ def venv_env(api_url: str, settings: Settings, *, on_this_host: bool = False,
     the warm engine run `python -m ...` and must get this venv's Python.
 
     ``on_this_host``: the process and the flow runs it starts run here (a process worker, the
-    warm engine), so they may be given a file of this host (``plain_http_ca_file``)."""
+    warm engine, a SLURM worker), so they may be given a file of this host: the CA file of
+    ``plain_http_ca_file``, in their Prefect home."""
     env = prefect_env(api_url, settings, **settings.client_env(), **extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if on_this_host and api_url.startswith("http://") and not env.get(CA_FILE_ENV):
-        env[CA_FILE_ENV] = str(plain_http_ca_file(settings.home))
+    if on_this_host and is_plain_http(api_url) and not env.get(CA_FILE_ENV):
+        env[CA_FILE_ENV] = str(plain_http_ca_file(Path(env["PREFECT_HOME"])))
     return env
 
 
 CA_FILE_ENV = "PREFECT_API_SSL_CERT_FILE"
 
 
-def plain_http_ca_file(home: Path) -> Path:
-    """A CA file of one certificate for Prefect clients of a plain-HTTP API.
+def plain_http_ca_file(directory: Path) -> Path:
+    """A CA file of one certificate in ``directory`` for Prefect clients of a plain-HTTP API.
 
     Every Prefect client builds an SSL context from ``PREFECT_API_SSL_CERT_FILE`` (default:
     certifi's bundle of ~140 certificates, ~20 ms to load here), even for an ``http://``
@@ -264,7 +266,7 @@ def plain_http_ca_file(home: Path) -> Path:
     workers, its observers): py-spy put ~0.2 s of each trigger there. One certificate
     loads in 0.4 ms. It is certifi's first root, so a client that did use TLS with it would
     refuse other servers (fail closed), never trust more."""
-    path = home / "plain-http-ca.pem"
+    path = directory / "plain-http-ca.pem"
     if not path.is_file():
         import certifi
 

@@ -50,13 +50,7 @@ from sierra_prefect import warm_engine
 from sierra_prefect.connection import Connection
 from sierra_prefect.errors import ShimError
 from sierra_prefect.private import private_dir
-from sierra_prefect.settings import (
-    CA_FILE_ENV,
-    SLURM_DEPLOYMENT,
-    Settings,
-    plain_http_ca_file,
-    venv_env,
-)
+from sierra_prefect.settings import SLURM_DEPLOYMENT, Settings, venv_env
 from sierra_prefect.worker import workers_online
 
 POOL = "sierra-slurm-pool"
@@ -216,11 +210,9 @@ class SlurmWorker:
         self._queue_deleted = False
 
     def env(self, prefect_home: Path) -> dict[str, str]:
-        env = venv_env(self.connection.api_url, self.settings,
+        env = venv_env(self.connection.api_url, self.settings, on_this_host=True,
                        PREFECT_WORKER_QUERY_SECONDS=str(self.settings.worker_query_seconds),
                        PREFECT_HOME=str(prefect_home))
-        if self.connection.api_url.startswith("http://") and CA_FILE_ENV not in env:
-            env[CA_FILE_ENV] = str(plain_http_ca_file(prefect_home))  # node-local, like the home
         # Never fork flow runs from a warm engine of the login host: they would run outside
         # the allocation (its CPUs, its end).
         env.pop(warm_engine.SOCKET_ENV, None)

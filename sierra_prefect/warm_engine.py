@@ -442,6 +442,8 @@ def engine_client() -> int:
 # What a forked child re-imports when edited: the flow (as a cold engine reads it from disk
 # for every flow run) and this package (what the flow and the CLI import of it).
 _RELOADED = ("flows", "sierra_prefect")
+# The shim's modules `sierra-prefect run` and `check` import (~50 ms a command otherwise).
+PRELOADED = ("sierra_prefect.docker", "sierra_prefect.stack", "sierra_prefect.trigger")
 
 
 def forget_edited(package: str, since: float) -> bool:
@@ -649,12 +651,13 @@ def serve(path: Path, grace: float = CLIENT_GONE_GRACE_SECONDS) -> None:
     """Import Prefect and the flow once, then fork a session per client, forever."""
     warm_since = time.time()  # flows/ as about to be imported (see forget_edited)
     code = EngineCode.here()  # before the imports: what they will read
+    import importlib
     import threading
 
     # What every flow run imports (not prefect.engine: that runs as __main__), and what
-    # `sierra-prefect run` and `check` import (~50 ms a command otherwise). The shim's and
-    # the flow's own modules are read afresh by a child when any of them changed since
-    # (forget_edited), as a cold start would.
+    # `sierra-prefect run` and `check` import. The shim's and the flow's own modules are
+    # read afresh by a child when any of them changed since (forget_edited), as a cold
+    # start would.
     import prefect.deployments
     import prefect.flow_engine
     import prefect.task_engine  # noqa: F401  the experiments' task runs
@@ -664,9 +667,9 @@ def serve(path: Path, grace: float = CLIENT_GONE_GRACE_SECONDS) -> None:
     import typer  # noqa: F401
 
     import flows.sierra_batch  # noqa: F401  the flow (cwd: the project)
-    import sierra_prefect.docker  # run, check
-    import sierra_prefect.stack  # every command
-    import sierra_prefect.trigger  # noqa: F401  run, check
+
+    for name in PRELOADED:  # by name: warming them is not depending on them
+        importlib.import_module(name)
 
     if threading.active_count() != 1:  # fork() only copies the calling thread
         raise SystemExit(f"warm engine: {threading.active_count()} threads after import; cannot fork safely")
