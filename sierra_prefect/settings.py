@@ -21,6 +21,7 @@ from sierra_prefect import default_home
 from sierra_prefect.connection import is_plain_http
 from sierra_prefect.credential import CLIENT_ENV, FILE_NAME, Credential
 from sierra_prefect.errors import ShimError
+from sierra_prefect.private import private_dir
 from sierra_prefect.redact import SECRET_ENV, Secrets, mask_url, scrub_env
 
 # Where an explicit credential may come from, first found first (as the field reads them).
@@ -266,7 +267,7 @@ def plain_http_ca_file(directory: Path) -> Path:
     workers, its observers): py-spy put ~0.2 s of each trigger there. One certificate
     loads in 0.4 ms. It is certifi's first root, so a client that did use TLS with it would
     refuse other servers (fail closed), never trust more."""
-    path = directory / "plain-http-ca.pem"
+    path = private_dir(directory) / "plain-http-ca.pem"
     if not path.is_file():
         import certifi
 
