@@ -69,7 +69,7 @@ def begin_immediately(module_name: str, function_name: str) -> bool:
     return True
 
 
-def fix_worker_channel() -> list[str]:
+def begin_read_then_write_immediately() -> list[str]:
     """Apply the fix; the functions this Prefect lacks (empty when all were wrapped)."""
     return [f"{m}.{f}" for m, f in READ_THEN_WRITE if not begin_immediately(m, f)]
 
@@ -77,7 +77,7 @@ def fix_worker_channel() -> list[str]:
 def main() -> None:
     from prefect.cli import app
 
-    missing = fix_worker_channel()
+    missing = begin_read_then_write_immediately()
     print("sierra-prefect: worker-channel and labelling transactions begin IMMEDIATE on SQLite"
           + (f" (not found, left as is: {', '.join(missing)})" if missing else ""), flush=True)
     app()

@@ -240,6 +240,10 @@ def prefect_env(api_url: str | None, settings: Settings, server: bool = False,
     return env
 
 
+# Prefect reads its clients' CA certificates from it (see plain_http_ca_file).
+CA_FILE_ENV = "PREFECT_API_SSL_CERT_FILE"
+
+
 def venv_env(api_url: str, settings: Settings, *, on_this_host: bool = False,
              **extra: str) -> dict[str, str]:
     """A Prefect client's environment with this venv first on PATH: workers' flow runs and
@@ -253,9 +257,6 @@ def venv_env(api_url: str, settings: Settings, *, on_this_host: bool = False,
     if on_this_host and is_plain_http(api_url) and not env.get(CA_FILE_ENV):
         env[CA_FILE_ENV] = str(plain_http_ca_file(Path(env["PREFECT_HOME"])))
     return env
-
-
-CA_FILE_ENV = "PREFECT_API_SSL_CERT_FILE"
 
 
 def plain_http_ca_file(directory: Path) -> Path:

@@ -204,6 +204,7 @@ class SlurmWorker:
                  say: Callable[[str], None]) -> None:
         self.settings, self.connection, self.allocation, self.say = (
             settings, connection, allocation, say)
+        self.queue = QueueApi(connection, allocation)
         self.proc: subprocess.Popen | None = None
         self._signalled: int | None = None
         self._deleting: threading.Thread | None = None
@@ -225,8 +226,7 @@ class SlurmWorker:
 
     def run(self) -> int:
         alloc = self.allocation
-        queue = QueueApi(self.connection, alloc)
-        queue.ensure()
+        self.queue.ensure()
         home = private_dir(node_prefect_home(alloc))
         try:
             cpus = sorted(os.sched_getaffinity(0))
@@ -258,7 +258,7 @@ class SlurmWorker:
             if self._deleting is not None:
                 self._deleting.join(timeout=10)
             if alloc.node_id == 0 and not self._queue_deleted:
-                self._queue_deleted = queue.delete()
+                self._queue_deleted = self.queue.delete()
             shutil.rmtree(home, ignore_errors=True)
 
     def _start_queue_delete(self) -> None:
@@ -267,10 +267,9 @@ class SlurmWorker:
         that is slow to stop (a busy machine) would take the delete with it."""
         if self.allocation.node_id != 0 or self._deleting is not None:
             return
-        queue = QueueApi(self.connection, self.allocation)
 
         def delete() -> None:
-            self._queue_deleted = queue.delete()
+            self._queue_deleted = self.queue.delete()
 
         self._deleting = threading.Thread(target=delete, name="delete-queue", daemon=True)
         self._deleting.start()

@@ -29,8 +29,8 @@ HEARTBEATS = 5  # distinct heartbeat times to see recorded while the load runs
 
 def test_the_locked_prefect_has_every_function_the_fix_wraps():
     # A Prefect upgrade that renames one fails here, not silently in users' logs.
-    assert prefect_server.fix_worker_channel() == []
-    assert prefect_server.fix_worker_channel() == []  # applying twice wraps once
+    assert prefect_server.begin_read_then_write_immediately() == []
+    assert prefect_server.begin_read_then_write_immediately() == []  # applying twice wraps once
 
 
 def _writes(api_url: str, headers: dict, stop: threading.Event, done: list[int]) -> None:
