@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -124,6 +125,35 @@ def _start_engine() -> tuple[bool, str]:
     return "starting dockerd" in result.stderr, host
 
 
+# The engine the tests start (scripts/docker-engine.sh) serves every pytest-xdist worker
+# process, so it is stopped once, by the controller, after all of them: stopped by the
+# worker that started it at the end of its own session, it went away under another worker
+# still tearing down its compose services (no socket). The controller names a marker file
+# (inherited by the workers); the worker that started the engine creates it.
+ENGINE_MARKER_ENV = "SIERRA_PREFECT_TEST_ENGINE_STARTED"
+
+
+def _stop_engine() -> None:
+    subprocess.run([str(ENGINE_SCRIPT), "stop"], capture_output=True, timeout=180,
+                   stdin=subprocess.DEVNULL)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller, or a run without xdist
+        run_dir = Path(tempfile.mkdtemp(prefix="sierra-prefect-tests-"))
+        os.environ[ENGINE_MARKER_ENV] = str(run_dir / "docker-engine-started")
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput"):
+        return
+    marker = os.environ.pop(ENGINE_MARKER_ENV, None)
+    if marker:
+        if Path(marker).exists():
+            _stop_engine()
+        shutil.rmtree(Path(marker).parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def docker_engine(tmp_path_factory):
     """A working engine plus the base and worker images; skip only if no engine can start."""
@@ -160,8 +190,11 @@ def docker_engine(tmp_path_factory):
             if image_exists(tag):
                 docker("rmi", tag, check=False, timeout=120)
         if started:
-            subprocess.run([str(ENGINE_SCRIPT), "stop"], capture_output=True, timeout=180,
-                           stdin=subprocess.DEVNULL)
+            marker = os.environ.get(ENGINE_MARKER_ENV)
+            if marker:
+                Path(marker).touch()  # pytest_unconfigure stops it, once every worker is done
+            else:
+                _stop_engine()
         if previous_host is None:
             os.environ.pop("DOCKER_HOST", None)
         else:
